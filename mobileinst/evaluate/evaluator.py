@@ -1,0 +1,50 @@
+"""Run a model over a COCO-format dataset and score its masks with the COCO evaluator.
+
+Used by `mobileinst val` and by training. Under torchrun each worker predicts its own share of
+the images; rank 0 gathers the results and evaluates.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from ..data.loader import collate
+from ..train import dist
+from .coco_eval import CocoMetrics, evaluate_coco, instances_to_coco_json
+
+
+@torch.no_grad()
+def predict_dataset(model: torch.nn.Module, dataset, batch_size: int = 4, workers: int = 0,
+                    device: torch.device | str = "cpu", progress: bool = True) -> list[dict]:
+    """COCO results records (original category ids, RLE masks at the original image size) for
+    every image of `dataset`, gathered from all workers."""
+    was_training = model.training
+    model.eval()
+    share = Subset(dataset, range(dist.rank(), len(dataset), dist.world_size()))
+    loader = DataLoader(share, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=collate, generator=torch.Generator())  # leaves the global RNG alone
+    records: list[dict] = []
+    for images, targets in tqdm(loader, desc="val", leave=False, dynamic_ncols=True,
+                                disable=not (progress and dist.is_main())):
+        outputs = model(images.to(device), image_sizes=[tuple(t["size"]) for t in targets],
+                        orig_sizes=[tuple(t["orig_size"]) for t in targets])
+        for t, out in zip(targets, outputs):
+            records += instances_to_coco_json(int(t["image_id"]), out["labels"].cpu().numpy(),
+                                              out["scores"].cpu().numpy(),
+                                              out["masks"].cpu().numpy(), dataset.cat_ids)
+    model.train(was_training)
+    return [r for part in dist.gather_objects(records) for r in part]
+
+
+def evaluate_model(model: torch.nn.Module, dataset, batch_size: int = 4, workers: int = 0,
+                   device: torch.device | str = "cpu", results_path: str | None = None
+                   ) -> CocoMetrics | None:
+    """Mask AP of `model` on `dataset` (None on workers other than rank 0)."""
+    records = predict_dataset(model, dataset, batch_size, workers, device)
+    if not dist.is_main():
+        return None
+    if results_path:
+        from ..utils import write_json
+        write_json(results_path, records)
+    return evaluate_coco(dataset.json_path, records)

@@ -1,0 +1,91 @@
+"""MobileInst: backbone -> semantic-enhanced mask decoder -> dual-transformer instance decoder.
+
+forward(images) in training mode returns the raw outputs the losses need; in eval mode it returns,
+per image, the instances (labels, scores, full-resolution binary masks). Images go in as RGB
+pixel values 0..255 (B, 3, H, W), H and W multiples of 32; normalisation happens inside, so an
+exported graph takes the same input.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..registry import ModelConfig
+from .backbones import build_backbone
+from .instance_decoder import DualTransformerDecoder
+from .mask_decoder import SemanticEnhancedMaskDecoder
+from .postprocess import InferenceConfig, postprocess_image
+
+# Input normalisation of the reproduction config and of TopFormer/SeaFormer (mobileinst.md).
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class MobileInst(nn.Module):
+    """The network. state_dict keys: `backbone.*` (the official layout of the backbone's release),
+    `mask_decoder.*`, `instance_decoder.*`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = build_backbone(cfg.backbone)
+        self.mask_decoder = SemanticEnhancedMaskDecoder(
+            self.backbone.out_channels, cfg.mask_dim, cfg.fusion_conv, cfg.kernel_dim)
+        self.instance_decoder = DualTransformerDecoder(
+            global_channels=self.backbone.out_channels[3], local_channels=cfg.mask_dim,
+            num_classes=cfg.num_classes, num_queries=cfg.num_queries, dim=cfg.hidden_dim,
+            heads=cfg.num_heads, ffn_dim=cfg.ffn_dim, kernel_dim=cfg.kernel_dim,
+            local_pool=cfg.local_pool)
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+        self.inference = InferenceConfig()
+
+    # -- the network -------------------------------------------------------------------------
+    def features(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Images (B, 3, H, W) 0..255 -> mask features M (B, E, H/8, W/8), F_mask (B, D, H/8, W/8),
+        global semantics X6 (B, C6, H/64, W/64). Kernel reuse (video) runs only this part."""
+        feats = self.backbone((images - self.pixel_mean) / self.pixel_std)
+        mask_feats, f_mask = self.mask_decoder(feats)
+        return mask_feats, f_mask, feats[3]
+
+    def masks(self, kernels: Tensor, mask_feats: Tensor) -> Tensor:
+        """Kernels (B, N, E) . M (B, E, h, w) -> mask logits (B, N, 2h, 2w) at stride 4."""
+        b, e, h, w = mask_feats.shape
+        m = torch.bmm(kernels, mask_feats.flatten(2)).view(b, -1, h, w)  # (B, N, h, w)
+        return F.interpolate(m, scale_factor=float(self.cfg.mask_upsample), mode="bilinear",
+                             align_corners=False)
+
+    def forward_raw(self, images: Tensor) -> dict[str, Tensor]:
+        """Raw outputs: pred_logits (B, N, C), pred_scores (B, N, 1), pred_kernels (B, N, E),
+        pred_masks (B, N, H/4, W/4) logits."""
+        mask_feats, f_mask, x6 = self.features(images)
+        out = self.instance_decoder(x6, f_mask)
+        out["pred_masks"] = self.masks(out["pred_kernels"], mask_feats)
+        return out
+
+    def forward(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None,
+                orig_sizes: list[tuple[int, int]] | None = None):
+        raw = self.forward_raw(images)
+        if self.training:
+            return raw
+        return self.postprocess(raw, tuple(images.shape[-2:]), image_sizes, orig_sizes)
+
+    # -- inference ---------------------------------------------------------------------------
+    def postprocess(self, raw: dict[str, Tensor], padded_size: tuple[int, int],
+                    image_sizes: list[tuple[int, int]] | None = None,
+                    orig_sizes: list[tuple[int, int]] | None = None) -> list[dict[str, Tensor]]:
+        """Raw outputs -> per image {labels (K,), scores (K,), masks (K, H0, W0) bool}.
+
+        image_sizes: each image's size inside the padding (default: the padded size);
+        orig_sizes: the size to return masks at (default: image_sizes)."""
+        b = raw["pred_logits"].shape[0]
+        image_sizes = image_sizes or [padded_size] * b
+        orig_sizes = orig_sizes or image_sizes
+        return [
+            postprocess_image(raw["pred_logits"][i], raw["pred_scores"][i], raw["pred_masks"][i],
+                              padded_size, tuple(image_sizes[i]), tuple(orig_sizes[i]),
+                              self.inference)
+            for i in range(b)
+        ]

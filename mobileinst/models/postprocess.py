@@ -1,0 +1,63 @@
+"""Inference post-processing: raw network outputs -> instances (labels, scores, binary masks).
+
+SparseInst's recipe (/shared/spec/training.md §3), shared by PyTorch prediction and the export
+graph: score = sqrt(sigmoid(cls) * sigmoid(obj)), one label per query (max over classes), keep
+score > 0.005, maskness rescoring at 1/4 resolution, upsample the kept masks to the padded input,
+crop the image, resize to the original size, binarise > 0.45. No NMS: at most N instances.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    score_threshold: float = 0.005  # SparseInst CLS_THRESHOLD; 0.2-0.3 emptied images (mobileinst.md)
+    mask_threshold: float = 0.45  # SparseInst MASK_THRESHOLD
+    max_detections: int = 100
+
+
+def query_scores(logits: Tensor, objectness: Tensor) -> tuple[Tensor, Tensor]:
+    """(..., N, C), (..., N, 1) -> score (..., N) and label (..., N): sqrt(p_cls * p_obj), max over C."""
+    prob = (logits.sigmoid() * objectness.sigmoid()).sqrt()
+    return prob.max(dim=-1)
+
+
+def maskness(mask_prob: Tensor, threshold: float) -> Tensor:
+    """Mean foreground probability inside the binarised mask: (..., H, W) -> (...)."""
+    fg = (mask_prob > threshold).to(mask_prob.dtype)
+    return (mask_prob * fg).flatten(-2).sum(-1) / (fg.flatten(-2).sum(-1) + 1e-6)
+
+
+def upsample_masks(mask_prob: Tensor, padded_size: tuple[int, int], image_size: tuple[int, int],
+                   orig_size: tuple[int, int]) -> Tensor:
+    """(K, h4, w4) probabilities -> (K, H0, W0): to the padded input, crop the image, to the original."""
+    m = F.interpolate(mask_prob[None], size=padded_size, mode="bilinear", align_corners=False)
+    m = m[:, :, : image_size[0], : image_size[1]]
+    return F.interpolate(m, size=orig_size, mode="bilinear", align_corners=False)[0]
+
+
+def postprocess_image(logits: Tensor, objectness: Tensor, mask_logits: Tensor,
+                      padded_size: tuple[int, int], image_size: tuple[int, int],
+                      orig_size: tuple[int, int], cfg: InferenceConfig = InferenceConfig()
+                      ) -> dict[str, Tensor]:
+    """One image's raw outputs -> instances sorted by score.
+
+    logits (N, C), objectness (N, 1), mask_logits (N, h4, w4) at 1/4 of padded_size;
+    image_size = the resized image inside the padding, orig_size = the original image.
+    Returns labels (K,) int64, scores (K,) float, masks (K, H0, W0) bool.
+    """
+    scores, labels = query_scores(logits.float(), objectness.float())  # (N,), (N,)
+    keep = scores > cfg.score_threshold
+    scores, labels, mask_prob = scores[keep], labels[keep], mask_logits[keep].float().sigmoid()
+    scores = scores * maskness(mask_prob, cfg.mask_threshold)
+    order = scores.argsort(descending=True)[: cfg.max_detections]
+    scores, labels, mask_prob = scores[order], labels[order], mask_prob[order]
+    masks = torch.zeros((0, *orig_size), dtype=torch.bool)
+    if len(order):  # post-processing on the kept instances only
+        masks = upsample_masks(mask_prob, padded_size, image_size, orig_size) > cfg.mask_threshold
+    return {"labels": labels, "scores": scores, "masks": masks}

@@ -1,0 +1,332 @@
+"""The training loop: data -> model -> matcher + losses -> AdamW, with evaluation, checkpoints,
+resume, mixed precision, EMA and data parallelism (torchrun).
+
+One Trainer per run. Everything a run needs afterwards lives in its folder:
+  config.yaml        the resolved TrainConfig and the model config
+  train.log          the log
+  results.csv        one row per evaluation: losses averaged since the last row, lr, mask AP
+  loss.png, ap.png   curves drawn from results.csv
+  weights/last.pt    everything to resume (model, EMA, optimizer, scheduler, RNG, iteration)
+  weights/best.pt    the weights with the best val mask AP so far
+  events.*           TensorBoard scalars, when tensorboard is installed
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..errors import CheckpointError, MobileInstError
+from ..evaluate.evaluator import evaluate_model
+from ..registry import build_model, get_config
+from . import dist
+from .config import TrainConfig
+from .data import build_train_loader, build_val_set
+from .ema import ModelEMA
+from .losses import MobileInstCriterion
+from .matcher import HungarianMatcher
+from .schedule import build_scheduler
+
+log = logging.getLogger("mobileinst.train")
+CSV_FIELDS = ["iteration", "epoch", "lr", "loss", "loss_cls", "loss_dice", "loss_mask", "loss_obj",
+              "AP", "AP50", "AP75", "APs", "APm", "APl", "seconds"]
+
+
+def next_run_dir(root: str | Path = "runs/train") -> Path:
+    """runs/train/exp, exp2, exp3, ... (the first that does not exist)."""
+    root = Path(root)
+    for i in range(1, 100000):
+        d = root / ("exp" if i == 1 else f"exp{i}")
+        if not d.exists():
+            return d
+    raise MobileInstError(f"{root}: too many runs")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Backbone at lr x backbone_lr_mult; no weight decay on norms, biases, embeddings."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = (name.startswith("backbone."), p.ndim <= 1 or "pos_emb" in name or "query_" in name)
+        groups.setdefault(key, []).append(p)
+    return [{"params": ps, "lr": cfg.lr * (cfg.backbone_lr_mult if bb else 1.0),
+             "weight_decay": 0.0 if no_wd else cfg.weight_decay}
+            for (bb, no_wd), ps in sorted(groups.items())]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: str | Path | None = None) -> None:
+        self.device = dist.init_from_env(cfg.device)
+        ckpt = self._resume_checkpoint(cfg, resume)
+        if ckpt is not None:  # a resumed run keeps its own configuration
+            cfg = TrainConfig.from_dict({**ckpt["train_config"], "out_dir": cfg.out_dir or
+                                         ckpt["train_config"]["out_dir"]}, source=str(resume))
+        self.cfg = cfg
+        if not cfg.data:
+            raise MobileInstError("no DATA file given (--data)")
+        self.out = Path(cfg.out_dir) if cfg.out_dir else dist.broadcast_object(next_run_dir())
+        cfg.out_dir = str(self.out)
+        self._seed_everything(cfg.seed + dist.rank())
+
+        self.train_loader, self.train_set = build_train_loader(cfg, dist.rank(), dist.world_size())
+        self.val_set = build_val_set(cfg)
+        self.class_names, self.cat_ids = self.train_set.class_names, self.train_set.cat_ids
+        self.bpe = self.train_loader.sampler.batches_per_epoch  # iterations per epoch
+        self.total = cfg.iters or cfg.epochs * self.bpe
+        self.eval_interval = cfg.eval_interval or self.bpe
+        self.save_interval = cfg.save_interval or self.eval_interval
+
+        self.model = build_model(cfg.model, num_classes=len(self.class_names),
+                                 num_queries=cfg.num_queries).to(self.device)
+        self.model_cfg = self.model.cfg
+        if cfg.backbone_weights and ckpt is None:
+            from ..models.weights import load_backbone_weights
+            report = load_backbone_weights(self.model, cfg.backbone_weights)
+            self._log(f"backbone weights: {report}")
+        self.criterion = MobileInstCriterion(HungarianMatcher(), num_classes=len(self.class_names))
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.lr)
+        warmup = min(cfg.warmup_iters, self.total // 4)
+        self.scheduler = build_scheduler(self.optimizer, self.total, warmup)
+        use_cuda_amp = cfg.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_cuda_amp)
+        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema else None
+        self.iteration, self.best_ap = 0, -1.0
+        self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                            if self.device.type == "cuda" else None)
+                    if dist.is_dist() else self.model)
+        if ckpt is not None:
+            self._load_state(ckpt)
+        self._meter: dict[str, float] = {}
+        self._meter_n = 0
+        self.tb = None
+
+    # -- set-up ------------------------------------------------------------------------------
+    @staticmethod
+    def _resume_checkpoint(cfg: TrainConfig, resume: str | Path | None) -> dict | None:
+        if not resume:
+            return None
+        path = Path(resume)
+        if path.is_dir() or str(resume) == "auto":
+            base = Path(cfg.out_dir) if str(resume) == "auto" else path
+            path = base / "weights" / "last.pt"
+        if not path.is_file():
+            raise CheckpointError(f"{path}: nothing to resume from (no such file)")
+        ckpt = load_checkpoint(path)
+        if "train_config" not in ckpt or "optimizer" not in ckpt:
+            raise CheckpointError(f"{path}: holds weights only, not a training state to resume")
+        return ckpt
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _load_state(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt.get("ema"):
+            self.ema.load_state_dict(ckpt["ema"])
+        self.iteration, self.best_ap = ckpt["iteration"], ckpt["best_ap"]
+        set_rng_state(ckpt["rng"][min(dist.rank(), len(ckpt["rng"]) - 1)])
+
+    def _setup_outputs(self, resumed: bool) -> None:
+        if not dist.is_main():
+            return
+        (self.out / "weights").mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.out / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        with open(self.out / "config.yaml", "w") as f:
+            yaml.safe_dump({"train": self.cfg.to_dict(), "model": self.model_cfg.to_dict(),
+                            "class_names": list(self.class_names)}, f, sort_keys=False)
+        self._prepare_csv(resumed)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.out))
+        except ImportError:
+            self.tb = None
+
+    def _prepare_csv(self, resumed: bool) -> None:
+        """A fresh results.csv, or on resume the rows up to the checkpoint's iteration."""
+        path = self.out / "results.csv"
+        rows = []
+        if resumed and path.exists():
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= self.iteration]
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, CSV_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+    def _log(self, msg: str) -> None:
+        if dist.is_main():
+            log.info(msg)
+            tqdm.write(msg)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        resumed = self.iteration > 0
+        self._setup_outputs(resumed)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self._log(f"{'resuming' if resumed else 'training'} {self.model_cfg.name} "
+                  f"({n_params / 1e6:.2f} M params, {len(self.class_names)} classes) on "
+                  f"{self.device} x{dist.world_size()}: {len(self.train_set)} train / "
+                  f"{len(self.val_set)} val images, {self.total} iterations "
+                  f"({self.bpe} per epoch), batch {self.cfg.batch}, run folder {self.out}")
+        bar = tqdm(total=self.total, initial=self.iteration, disable=not dist.is_main(),
+                   desc="train", dynamic_ncols=True)
+        t0 = time.time()
+        while self.iteration < self.total:
+            epoch, start = divmod(self.iteration, self.bpe)
+            self.train_loader.sampler.set_epoch(epoch, start)
+            for images, targets in self.train_loader:
+                losses = self.step(images, targets)
+                self.iteration += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{self._lr():.2e}")
+                self._after_step(losses, time.time() - t0)
+                if self.iteration >= self.total or self.iteration % self.bpe == 0:
+                    break
+        bar.close()
+        metrics = self._final_metrics()
+        if self.tb is not None:
+            self.tb.close()
+        dist.barrier()
+        return metrics
+
+    def step(self, images: torch.Tensor, targets: list[dict]) -> dict[str, float]:
+        """One optimisation step; returns the (worker-averaged) loss values."""
+        self.ddp.train()
+        images = images.to(self.device, non_blocking=True)
+        targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()}
+                   for t in targets]
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.cfg.amp):
+            outputs = self.ddp(images)
+        losses = self.criterion(outputs, targets)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise MobileInstError(f"loss became {loss.item()} at iteration {self.iteration}; "
+                                  "try a lower --lr or --grad-clip")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return {k: dist.all_reduce_mean(v.detach().float()).item() for k, v in losses.items()}
+
+    def _lr(self) -> float:
+        return max(g["lr"] for g in self.optimizer.param_groups)
+
+    def _after_step(self, losses: dict[str, float], elapsed: float) -> None:
+        for k, v in losses.items():
+            self._meter[k] = self._meter.get(k, 0.0) + v
+        self._meter_n += 1
+        if self.tb is not None:
+            for k, v in losses.items():
+                self.tb.add_scalar(f"train/{k}", v, self.iteration)
+            self.tb.add_scalar("train/lr", self._lr(), self.iteration)
+        if self.iteration % self.eval_interval == 0 or self.iteration == self.total:
+            self._evaluate_and_record(elapsed)
+            self.save("last.pt")
+        elif self.iteration % self.save_interval == 0:
+            self.save("last.pt")
+
+    # -- evaluation, records, checkpoints ----------------------------------------------------
+    def eval_model(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def _evaluate_and_record(self, elapsed: float) -> dict[str, float]:
+        metrics = evaluate_model(self.eval_model(), self.val_set, batch_size=max(1, self.cfg.batch // 2),
+                                 workers=self.cfg.workers, device=self.device)
+        ap = metrics.AP if metrics is not None else -1.0
+        ap = dist.broadcast_object(ap)
+        row = {"iteration": self.iteration, "epoch": self.iteration / self.bpe, "lr": self._lr(),
+               "seconds": round(elapsed, 1)}
+        row.update({k: v / max(self._meter_n, 1) for k, v in self._meter.items()})
+        self._meter, self._meter_n = {}, 0
+        if dist.is_main() and metrics is not None:
+            row.update({k: getattr(metrics, k) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")})
+            self._write_row(row)
+            self._log(f"iteration {self.iteration}/{self.total}: loss {row.get('loss', 0):.4f}, "
+                      f"mask AP {metrics.AP:.4f} AP50 {metrics.AP50:.4f} AP75 {metrics.AP75:.4f}")
+            if self.tb is not None:
+                for k in ("AP", "AP50", "AP75"):
+                    self.tb.add_scalar(f"val/{k}", row[k], self.iteration)
+        if ap > self.best_ap:
+            self.best_ap = ap
+            self.save("best.pt")
+        return row
+
+    def _write_row(self, row: dict[str, Any]) -> None:
+        with open(self.out / "results.csv", "a", newline="") as f:
+            csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore").writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        from ..viz import plot_curves
+        plot_curves(self.out / "results.csv", self.out)
+
+    def state(self) -> dict[str, Any]:
+        ema = self.ema.state_dict() if self.ema is not None else None
+        return {"model": self.model.state_dict(), "ema": ema,
+                "model_config": self.model_cfg.to_dict(), "train_config": self.cfg.to_dict(),
+                "class_names": list(self.class_names), "cat_ids": list(self.cat_ids),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "iteration": self.iteration,
+                "epoch": self.iteration / self.bpe, "best_ap": self.best_ap,
+                "rng": dist.gather_objects(rng_state())}
+
+    def save(self, name: str) -> None:
+        state = self.state()  # every worker takes part (RNG states are gathered)
+        if dist.is_main():
+            save_checkpoint(state, self.out / "weights" / name)
+
+    def _final_metrics(self) -> dict[str, Any]:
+        best = self.best_ap
+        self._log(f"done: best val mask AP {best:.4f}; weights in {self.out / 'weights'}")
+        return {"best_ap": best, "out_dir": str(self.out), "iterations": self.iteration}
+
+
+def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
+    """Run (or resume) one training run; returns {best_ap, out_dir, iterations}."""
+    get_config(cfg.model)  # unknown model names fail before any work
+    try:
+        trainer = Trainer(cfg, resume)
+        return trainer.train()
+    finally:
+        dist.cleanup()
