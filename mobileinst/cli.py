@@ -1,14 +1,26 @@
 """The `mobileinst` command: one verb per job, each a thin layer over the Python API.
 
+    mobileinst models | info | data | train | val | eval | predict | track | export | demo
+
 A user-facing problem (bad file, bad option) raises MobileInstError deep inside; here it becomes
 one line on stderr and exit code 2, never a stack trace.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
 from .errors import MobileInstError
+
+
+# -- model inspection ------------------------------------------------------------------------
+def cmd_models(args: argparse.Namespace) -> None:
+    from .registry import MODELS
+    for name, cfg in MODELS.items():
+        print(f"{name:<34} backbone={cfg.backbone:<12} D={cfg.mask_dim} conv={cfg.fusion_conv} "
+              f"hidden={cfg.hidden_dim}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -19,15 +31,110 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(summarize(model, tuple(args.imgsz) if len(args.imgsz) == 2 else args.imgsz[0]).format())
 
 
-def cmd_models(args: argparse.Namespace) -> None:
-    from .registry import MODELS
-    for name, cfg in MODELS.items():
-        print(f"{name:<34} backbone={cfg.backbone:<12} D={cfg.mask_dim} conv={cfg.fusion_conv} "
-              f"hidden={cfg.hidden_dim}")
+# -- data --------------------------------------------------------------------------------------
+def cmd_data(args: argparse.Namespace) -> None:
+    if args.data_command == "synth":
+        if args.video:
+            from .data.synthetic_video import make_synthetic_ytvis
+            path = make_synthetic_ytvis(args.out, seed=args.seed)
+        else:
+            from .data.synthetic import make_synthetic_coco
+            kw = {k: v for k, v in (("n_train", args.n_train), ("n_val", args.n_val)) if v}
+            path = make_synthetic_coco(args.out, seed=args.seed, **kw)
+        print(f"wrote {path}")
+    elif args.data_command == "voc2coco":
+        from .data.voc import voc_to_coco
+        print(f"wrote {voc_to_coco(args.voc_root, args.out, split=args.split)}")
+
+
+# -- training and evaluation -------------------------------------------------------------------
+TRAIN_OPTIONS = {  # CLI option -> (type, help); every one maps onto a TrainConfig field
+    "model": (str, "variant name (see `mobileinst models`)"),
+    "out_dir": (str, "run folder (default runs/train/expN)"),
+    "iters": (int, "total iterations (overrides --epochs)"),
+    "epochs": (int, "epochs (default 12)"),
+    "imgsz": (int, "largest training short side and the evaluation size (default 640)"),
+    "batch": (int, "images per iteration over all workers (default 16)"),
+    "workers": (int, "data-loading processes per worker (default 2)"),
+    "seed": (int, "random seed (default 0)"),
+    "lr": (float, "AdamW learning rate (default 5e-5)"),
+    "weight_decay": (float, "AdamW weight decay (default 0.05)"),
+    "warmup_iters": (int, "linear warm-up iterations (default 1000, capped at a quarter of the run)"),
+    "grad_clip": (float, "max gradient norm, 0 = off"),
+    "eval_interval": (int, "iterations between evaluations (default: once per epoch)"),
+    "save_interval": (int, "iterations between last.pt saves (default: the eval interval)"),
+    "backbone_weights": (str, "official ImageNet checkpoint of the backbone (loaded strictly)"),
+    "device": (str, "auto | cpu | cuda"),
+    "num_queries": (int, "instance queries N = max instances per image (default 100)"),
+}
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train.config import TrainConfig
+    from .train.engine import train
+    overrides = {k: getattr(args, k) for k in TRAIN_OPTIONS}
+    overrides.update(data=args.data, amp=args.amp or None, ema=args.ema or None,
+                     crop=args.crop or None)
+    cfg = (TrainConfig.from_yaml(args.cfg, **overrides) if args.cfg else
+           TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None}))
+    resume = args.resume
+    if resume == "auto" and not cfg.out_dir:
+        raise MobileInstError("--resume without a path needs --out-dir (the run folder to resume)")
+    result = train(cfg, resume=resume)
+    print(f"best val mask AP {result['best_ap']:.4f}; run folder {result['out_dir']}")
+
+
+def cmd_val(args: argparse.Namespace) -> None:
+    from .evaluate.evaluator import validate
+    metrics = validate(args.weights, args.data, out=args.out, imgsz=args.imgsz, batch=args.batch,
+                       device=args.device, workers=args.workers)
+    print(metrics.format_table())
+    if args.out:
+        print(f"results written to {args.out}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    if args.video:
+        from .evaluate.ytvis_eval import evaluate_ytvis
+        print(evaluate_ytvis(args.gt, args.results).format_table())
+    else:
+        from .evaluate.coco_eval import evaluate_coco
+        print(evaluate_coco(args.gt, args.results).format_table())
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from .predict import predict_source
+    summary = predict_source(args.weights, args.source, args.out_dir, conf=args.conf,
+                             imgsz=args.imgsz, device=args.device, backend=args.backend,
+                             save_overlays=not args.no_overlays)
+    print(f"{summary['images']} images, {summary['instances']} instances "
+          f"({summary['skipped']} unreadable skipped); overlays and predictions.json in "
+          f"{summary['out_dir']}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+    run_demo(args.out, fast=args.fast)
+
+
+# -- the parser ----------------------------------------------------------------------------------
+def _add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train on a COCO-format DATA file")
+    p.add_argument("--data", required=True, help="DATA yaml: train/val json + image folders")
+    p.add_argument("--cfg", help="a YAML preset of training options (CLI options win)")
+    for name, (typ, help_) in TRAIN_OPTIONS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
+    p.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
+    p.add_argument("--ema", action="store_true", help="keep an EMA of the weights for evaluation")
+    p.add_argument("--crop", action="store_true", help="SparseInst's random-crop augmentation")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="resume from PATH (last.pt or a run folder); alone: the --out-dir run")
+    p.set_defaults(func=cmd_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mobileinst", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("models", help="list the registered model variants")
@@ -38,11 +145,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imgsz", type=int, nargs="+", default=[640], help="S or H W (default 640)")
     p.add_argument("--num-classes", type=int, default=80)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("data", help="make or convert datasets")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    s = dsub.add_parser("synth", help="write the synthetic COCO-format (or --video YouTube-VIS) set")
+    s.add_argument("--out", default="demo_data/synth")
+    s.add_argument("--video", action="store_true", help="YouTube-VIS clips instead of images")
+    s.add_argument("--n-train", type=int, default=None)
+    s.add_argument("--n-val", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s = dsub.add_parser("voc2coco", help="Pascal VOC / SBD instance masks -> COCO json")
+    s.add_argument("--voc-root", required=True, help="folder with JPEGImages, SegmentationObject, SegmentationClass")
+    s.add_argument("--out", required=True, help="COCO json to write")
+    s.add_argument("--split", default=None, help="train | val | an ImageSets list file (default: all)")
+    p.set_defaults(func=cmd_data)
+
+    _add_train_parser(sub)
+
+    p = sub.add_parser("val", help="mask AP of a checkpoint on the DATA file's val split")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", default=None, help="write the COCO results json here")
+    p.add_argument("--imgsz", type=int, default=None, help="default: the checkpoint's training size")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_val)
+
+    p = sub.add_parser("eval", help="evaluate any COCO (or --video YouTube-VIS) results file")
+    p.add_argument("--gt", required=True)
+    p.add_argument("--results", required=True)
+    p.add_argument("--video", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="overlays + json for an image, a folder or a glob")
+    p.add_argument("--weights", required=True, help="a .pt checkpoint (or .onnx with --backend onnxruntime)")
+    p.add_argument("--source", required=True)
+    p.add_argument("--out-dir", default=None, help="default runs/predict/expN")
+    p.add_argument("--conf", type=float, default=0.3, help="minimum score to keep (default 0.3)")
+    p.add_argument("--imgsz", type=int, default=None, help="default: the checkpoint's training size")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
+    p.add_argument("--no-overlays", action="store_true", help="write the json only")
+    p.set_defaults(func=cmd_predict)
+
+    for module in ("track", "export"):
+        try:
+            mod = __import__(f"mobileinst.{module}.command", fromlist=["add_parser"])
+        except ImportError:
+            continue
+        mod.add_parser(sub)
+
+    p = sub.add_parser("demo", help="offline demo: synthetic data -> train -> val -> predict")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--fast", action="store_true", help="a few iterations only (a smoke test)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
     except MobileInstError as e:

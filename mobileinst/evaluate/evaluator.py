@@ -48,3 +48,24 @@ def evaluate_model(model: torch.nn.Module, dataset, batch_size: int = 4, workers
         from ..utils import write_json
         write_json(results_path, records)
     return evaluate_coco(dataset.json_path, records)
+
+
+def validate(weights: str, data: str, out: str | None = None, imgsz: int | None = None,
+             batch: int = 4, device: str = "auto", workers: int = 2) -> CocoMetrics:
+    """`mobileinst val`: a checkpoint on a DATA file's val split; writes the results json to `out`."""
+    from ..checkpoint import model_from_checkpoint
+    from ..data.coco import CocoInstances
+    from ..data.config import load_data_config
+    from ..data.transforms import EvalTransform
+    from ..errors import DataError
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    model, ckpt = model_from_checkpoint(weights)
+    cfg = load_data_config(data)
+    imgsz = imgsz or (ckpt.get("train_config") or {}).get("imgsz", 640)
+    dataset = CocoInstances(cfg.val.json, cfg.val.images, EvalTransform(imgsz), cfg.names)
+    if len(dataset.class_names) != model.cfg.num_classes:
+        raise DataError(f"{cfg.val.json}: {len(dataset.class_names)} categories, but {weights} "
+                        f"was trained for {model.cfg.num_classes}")
+    return evaluate_model(model.to(dev), dataset, batch, workers, dev, results_path=out)

@@ -168,6 +168,7 @@ class Trainer:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+        log.propagate = False  # the console gets these lines through tqdm.write
         with open(self.out / "config.yaml", "w") as f:
             yaml.safe_dump({"train": self.cfg.to_dict(), "model": self.model_cfg.to_dict(),
                             "class_names": list(self.class_names)}, f, sort_keys=False)

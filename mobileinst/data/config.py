@@ -1,0 +1,70 @@
+"""The DATA file: a small YAML naming the train and val splits.
+
+    train: {json: annotations/instances_train.json, images: train}
+    val:   {json: annotations/instances_val.json, images: val}
+    names: [circle, square, ...]   # optional: taken from the json's categories otherwise
+    format: coco                   # or ytvis (YouTube-VIS videos)
+
+Paths are relative to the YAML's folder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..errors import DataError
+
+FORMATS = ("coco", "ytvis")
+
+
+@dataclass
+class Split:
+    json: Path
+    images: Path
+
+
+@dataclass
+class DataConfig:
+    path: Path
+    train: Split
+    val: Split
+    names: list[str] | None = None
+    format: str = "coco"
+    extra: dict = field(default_factory=dict)
+
+
+def _split(cfg: dict, key: str, root: Path, source: Path) -> Split:
+    entry = cfg.get(key)
+    if not isinstance(entry, dict) or "json" not in entry or "images" not in entry:
+        raise DataError(f"{source}: '{key}' must be a mapping with 'json' and 'images'")
+    split = Split(root / str(entry["json"]), root / str(entry["images"]))
+    if not split.json.is_file():
+        raise DataError(f"{source}: {key} json {split.json} does not exist")
+    if not split.images.is_dir():
+        raise DataError(f"{source}: {key} image folder {split.images} does not exist")
+    return split
+
+
+def load_data_config(path: str | Path) -> DataConfig:
+    """Read and check a DATA yaml (every problem names the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such DATA file")
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise DataError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(cfg, dict):
+        raise DataError(f"{path}: a DATA file must be a mapping with train/val entries")
+    root = path.resolve().parent
+    fmt = str(cfg.get("format", "coco"))
+    if fmt not in FORMATS:
+        raise DataError(f"{path}: unknown format {fmt!r}; expected one of {FORMATS}")
+    names = cfg.get("names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise DataError(f"{path}: 'names' must be a list of class names")
+    extra = {k: v for k, v in cfg.items() if k not in ("train", "val", "names", "format")}
+    return DataConfig(path, _split(cfg, "train", root, path), _split(cfg, "val", root, path),
+                      names, fmt, extra)

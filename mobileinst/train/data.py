@@ -1,0 +1,64 @@
+"""Datasets and loaders for a training run, built from the DATA file and the TrainConfig."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.coco import CocoInstances
+from ..data.config import load_data_config
+from ..data.loader import collate
+from ..data.transforms import EvalTransform, TrainTransform
+from ..errors import DataError
+from .config import TrainConfig
+from .sampler import ResumableSampler
+
+log = logging.getLogger("mobileinst.train")
+
+
+class SkipUnreadable(Dataset):
+    """Training view of a dataset: an unreadable image is replaced by the next readable one, with
+    a counted warning, so one corrupt file does not kill a long run (the choice is deterministic)."""
+
+    def __init__(self, dataset: CocoInstances, max_tries: int = 16) -> None:
+        self.dataset, self.max_tries = dataset, max_tries
+        self.class_names, self.cat_ids = dataset.class_names, dataset.cat_ids
+        self.skipped: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        for k in range(self.max_tries):
+            i = (index + k) % len(self.dataset)
+            try:
+                return self.dataset[(i, seed)]
+            except DataError as e:
+                if i not in self.skipped:
+                    self.skipped.add(i)
+                    log.warning("skipping unreadable training image (%d so far in this worker): %s",
+                                len(self.skipped), e)
+        raise DataError(f"{self.dataset.json_path}: {self.max_tries} unreadable images in a row")
+
+
+def build_train_loader(cfg: TrainConfig, rank: int, world: int) -> tuple[DataLoader, SkipUnreadable]:
+    data = load_data_config(cfg.data)
+    if data.format != "coco":
+        raise DataError(f"{cfg.data}: format {data.format!r} is not supported by image training")
+    dataset = SkipUnreadable(CocoInstances(data.train.json, data.train.images,
+                                           TrainTransform(cfg.imgsz, crop=cfg.crop), data.names))
+    if cfg.batch % world:
+        raise DataError(f"--batch {cfg.batch} does not split evenly over {world} workers")
+    per_worker = cfg.batch // world
+    sampler = ResumableSampler(len(dataset), per_worker, cfg.seed, rank, world)
+    loader = DataLoader(dataset, batch_size=per_worker, sampler=sampler, num_workers=cfg.workers,
+                        collate_fn=collate, drop_last=True, persistent_workers=cfg.workers > 0,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    return loader, dataset
+
+
+def build_val_set(cfg: TrainConfig) -> CocoInstances:
+    data = load_data_config(cfg.data)
+    return CocoInstances(data.val.json, data.val.images, EvalTransform(cfg.imgsz), data.names)
