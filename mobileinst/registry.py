@@ -21,6 +21,7 @@ class ModelConfig:
     mask_dim: int = 128  # D of the mask decoder
     fusion_conv: str = "dw"  # 'dw' (depthwise-separable 3x3) or 'full' (3x3)
     kernel_dim: int = 128  # E: mask-feature channels = kernel length (spec item 2)
+    mask_coords: bool = False  # x/y channels into M (SparseInst CoordConv); hurt on the synthetic set (README)
     hidden_dim: int = 128  # instance decoder width
     num_heads: int = 4
     ffn_dim: int = 256
@@ -57,7 +58,11 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
     if name not in MODELS:
         from .errors import MobileInstError
         raise MobileInstError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
-    return replace(MODELS[name], **overrides)
+    try:
+        return replace(MODELS[name], **overrides)
+    except TypeError as e:
+        from .errors import MobileInstError
+        raise MobileInstError(f"bad model option for {name}: {e}") from None
 
 
 def build_model(name: str, num_classes: int = 80, **overrides: Any):

@@ -130,6 +130,7 @@ def test_flip_keeps_masks_aligned():
 
 def test_sizes_and_limits():
     assert train_sizes(640) == list(range(416, 641, 32))
+    assert train_sizes(320) == [224, 256, 288, 320] and train_sizes(600)[-1] == 600  # 0.65x..1x
     img = np.zeros((100, 400, 3), np.uint8)  # very wide: the long side cap wins
     out, m, _ = EvalTransform(640)(img, np.zeros((0, 100, 400), np.uint8))
     assert max(out.shape[:2]) == 853 and m.shape == (0, *out.shape[:2])
@@ -183,3 +184,166 @@ def test_synthetic_set_is_valid_and_deterministic(tmp_path):
     assert kinds == {"poly", "str", "list"}  # polygons, compressed and uncompressed RLE
     ds = CocoInstances(p1.parent / "annotations/instances_train.json", p1.parent / "train")
     assert sum(len(ds[i][1]["labels"]) for i in range(len(ds))) == len(coco.dataset["annotations"])
+
+
+# -- more reader checks ----------------------------------------------------------------------------
+def test_zero_area_rle_and_bad_polygons_are_degenerate(coco_dir, caplog):
+    root, data, _ = coco_dir
+    h, w = 40, 60
+    data["annotations"] += [
+        {"id": 20, "image_id": 3, "category_id": 3, "segmentation": {"size": [h, w], "counts": [h * w]}},
+        {"id": 21, "image_id": 3, "category_id": 3, "segmentation": [[0, 0, 5, 5, 10, 10]]},  # collinear
+        {"id": 22, "image_id": 3, "category_id": 3, "segmentation": [[1, 1, 9, 1, 9]]},  # odd length
+        {"id": 23, "image_id": 3, "category_id": 3},  # no segmentation at all
+    ]
+    with caplog.at_level(logging.WARNING):
+        ds = CocoInstances(_write(root, data), root / "img")
+    assert ds.num_skipped == 4 and "ids 20, 21, 22, 23" in caplog.text
+    assert caplog.text.count("skipped") == 1  # one summary line
+    assert len(ds[2][1]["labels"]) == 0
+
+
+def test_rle_size_mismatch_is_an_error(coco_dir):
+    root, data, _ = coco_dir
+    data["annotations"][2]["segmentation"]["size"] = [41, 60]
+    with pytest.raises(DataError, match="ann.json.*annotation 3.*size"):
+        CocoInstances(_write(root, data), root / "img")
+    data["annotations"][2]["segmentation"]["size"] = [40, 60]
+    data["annotations"][2]["segmentation"]["counts"].append(5)
+    with pytest.raises(DataError, match="ann.json.*annotation 3.*sum to 2405"):
+        CocoInstances(_write(root, data), root / "img")
+
+
+def test_image_size_mismatch_names_the_image(coco_dir):
+    root, data, _ = coco_dir
+    data["images"][2]["height"] = 41
+    with pytest.raises(DataError, match="3.png.*60x40.*60x41"):
+        CocoInstances(_write(root, data), root / "img")[2]
+
+
+def test_int_keys_are_reproducible_under_the_torch_seed(coco_dir):
+    root, _, _ = coco_dir
+    ds = CocoInstances(root / "ann.json", root / "img", TrainTransform(64, crop=True))
+    torch.manual_seed(0)
+    a = [ds[0][0].shape for _ in range(6)]
+    torch.manual_seed(0)
+    assert [ds[0][0].shape for _ in range(6)] == a and len(set(a)) > 1
+    state = torch.get_rng_state()
+    ev = CocoInstances(root / "ann.json", root / "img", EvalTransform(64))
+    ev[0]
+    assert torch.equal(torch.get_rng_state(), state)  # evaluation leaves the global RNG alone
+
+
+# -- transforms ------------------------------------------------------------------------------------
+def test_flip_mirrors_an_asymmetric_mask():
+    img = np.zeros((64, 96, 3), np.uint8)
+    mask = np.zeros((1, 64, 96), np.uint8)
+    mask[0, 10:50, 5:20] = mask[0, 40:50, 20:60] = 1  # an "L": no mirror symmetry
+    img[mask[0] > 0] = (255, 0, 0)
+    tf = TrainTransform(64, sizes=[64], max_size=96)  # resize is the identity: only the flip acts
+    flipped = 0
+    for seed in range(10):
+        out, m, _ = tf(img, mask, np.random.default_rng(seed))
+        if np.array_equal(m[0], mask[0]):
+            assert np.array_equal(out, img)
+        else:
+            assert np.array_equal(m[0], mask[0, :, ::-1]) and np.array_equal(out, img[:, ::-1])
+            flipped += 1
+    assert 0 < flipped < 10
+
+
+def test_crop_drops_emptied_instances_and_stays_aligned():
+    img = np.zeros((640, 640, 3), np.uint8)
+    masks = np.zeros((2, 640, 640), np.uint8)
+    masks[0, :40, :40] = 1  # top-left corner: often cropped away
+    masks[1, 200:440, 200:440] = 1  # centre: always kept
+    img[masks[0] > 0], img[masks[1] > 0] = (255, 255, 255), (128, 128, 128)
+    tf = TrainTransform(640, crop=True)
+    dropped = 0
+    for seed in range(30):
+        out, m, keep = tf(img, masks, np.random.default_rng(seed))
+        assert keep[1] and len(m) == keep.sum() and m.shape[1:] == out.shape[:2]
+        assert min(out.shape[:2]) in tf.sizes or max(out.shape[:2]) == tf.max_size
+        assert (out[..., 0] > 64).astype(bool)[m.any(0) > 0].mean() > 0.97
+        dropped += not keep[0]
+    assert dropped > 0
+
+
+def test_mask_resize_matches_the_image_grid():
+    masks = np.zeros((600, 50, 70), np.uint8)  # more instances than one cv2 call takes
+    masks[:, 10:30, 20:50] = 1
+    img = np.repeat(masks[0, :, :, None] * 255, 3, 2)
+    out, m = EvalTransform(100, max_size=140)(img, masks)[:2]
+    assert out.shape == (100, 140, 3) and m.shape == (600, 100, 140)
+    assert np.array_equal(m[0], (out[..., 0] > 127).astype(np.uint8)) and (m == m[0]).all()
+
+
+# -- loaders ---------------------------------------------------------------------------------------
+def _keys(loader):
+    return [k for k in loader.sampler]
+
+
+def test_build_dataloader_is_reproducible(coco_dir):
+    from mobileinst.data.loader import build_dataloader
+    root, _, _ = coco_dir
+    ds = CocoInstances(root / "ann.json", root / "img", TrainTransform(64, crop=True))
+    runs = []
+    for workers in (0, 2):
+        loader = build_dataloader(ds, 2, shuffle=True, workers=workers, seed=3, distributed=False,
+                                  drop_last=False)
+        loader.sampler.set_epoch(1)
+        runs.append([(im.shape, [t["image_id"] for t in ts]) for im, ts in loader])
+        assert all(im.shape[2] % 32 == 0 and im.shape[3] % 32 == 0 for im, _ in loader)
+    assert runs[0] == runs[1]  # same batches whatever the number of workers
+    l0 = build_dataloader(ds, 2, True, 0, 3, False, False)
+    e0 = _keys(l0)
+    l0.sampler.set_epoch(5)
+    assert sorted(i for i, _ in e0) == [0, 1, 2] and _keys(l0) != e0
+
+
+def test_distributed_keys_match_single_process():
+    from torch.utils.data import DistributedSampler
+
+    from mobileinst.data.loader import SeededSampler
+    ds = list(range(10))
+    single = set(SeededSampler(DistributedSampler(ds, 1, 0, seed=7), 7))
+    ranks = [set(SeededSampler(DistributedSampler(ds, 2, r, seed=7), 7)) for r in (0, 1)]
+    assert ranks[0] | ranks[1] == single and not ranks[0] & ranks[1]  # same sample -> same seed
+
+
+# -- DATA files and the synthetic set ----------------------------------------------------------------
+def test_data_yaml_absolute_paths_video_and_names(tmp_path):
+    p = make_synthetic_coco(tmp_path / "s", n_train=2, n_val=1)
+    cfg = load_data_config(p)
+    assert cfg.path.is_absolute() and cfg.train.json.is_absolute() and cfg.names[0] == "circle"
+    (tmp_path / "other").mkdir()
+    y = tmp_path / "other" / "d.yaml"
+    y.write_text(f"train: {{json: {cfg.train.json}, images: ../s/train}}\n"
+                 f"val: {{json: {cfg.val.json}, images: ../s/val}}\nvideo: true\n")
+    cfg2 = load_data_config(y)
+    assert cfg2.format == "ytvis" and cfg2.names is None and cfg2.train.images.resolve() == cfg.train.images
+    y.write_text("train: {json: a.json}\nval: {json: a.json, images: .}\n")
+    with pytest.raises(DataError, match="d.yaml.*'train'.*images"):
+        load_data_config(y)
+    with pytest.raises(DataError, match="no such DATA file"):
+        load_data_config(tmp_path / "missing.yaml")
+
+
+def test_synthetic_masks_are_exact_and_classes_present(tmp_path):
+    from pycocotools.coco import COCO
+    p = make_synthetic_coco(tmp_path / "a", n_train=12, n_val=4, seed=0)
+    coco = COCO(str(p.parent / "annotations/instances_train.json"))
+    names = {c["name"] for c in coco.dataset["categories"]}
+    assert names == {"circle", "square", "triangle", "ring"}
+    assert {coco.cats[a["category_id"]]["name"] for a in coco.dataset["annotations"]} == names
+    for a in coco.dataset["annotations"]:
+        m = coco.annToMask(a)
+        assert m.sum() == a["area"] > 64  # the stored segmentation decodes to the stored area
+        info = coco.imgs[a["image_id"]]
+        assert 256 <= info["height"] <= 448 and 256 <= info["width"] <= 448
+    ids = [a["id"] for a in coco.dataset["annotations"]]
+    assert ids == list(range(1, len(ids) + 1))
+    # the val split depends on the seed only, not on n_train
+    q = make_synthetic_coco(tmp_path / "b", n_train=3, n_val=4, seed=0)
+    assert ((p.parent / "annotations/instances_val.json").read_text()
+            == (q.parent / "annotations/instances_val.json").read_text())

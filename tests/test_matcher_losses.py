@@ -1,150 +1,329 @@
-"""Matcher and losses against values worked out by hand (SparseInst's definitions, spec training.md)."""
+"""Matcher and losses against values worked out by hand (SparseInst's definitions, spec training.md §1, §2, §9).
+
+Expected numbers are written as closed forms of the definitions, never by calling the code under test:
+  focal(p, y)  = -alpha_t (1 - p_t)^2 log p_t, alpha_t = 0.25 (y = 1) / 0.75 (y = 0)
+  dice(p, t)   = 2 sum(pt) / (sum p^2 + sum t^2 + 1e-4)
+  match score  = dice^0.8 * prob^0.2, maximised
+  weights      = cls 2, dice 2, pixel BCE 5, objectness 1
+"""
+import logging
 import math
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
-from mobileinst.train.losses import (MobileInstCriterion, dice_loss, mask_iou, prepare_target_masks,
-                                     sigmoid_focal_loss)
-from mobileinst.train.matcher import HungarianMatcher, dice_score
+from mobileinst.train.losses import (MobileInstCriterion, count_instances, dice_loss, dice_score, mask_iou,
+                                     prepare_target_masks, sigmoid_focal_loss)
+from mobileinst.train.matcher import HungarianMatcher
+
+LN2 = math.log(2)
+BIG = 20.0  # mask logit: sigmoid(20) = 1 - 2e-9, a binary mask for all purposes
 
 
-def logit(p):
+def logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-def test_dice_score_by_hand():
-    p = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
-    t = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
-    # 2 * |p.t| / (|p|^2 + |t|^2 + 1e-4) = 2 * 1 / (2 + 2 + 1e-4)
-    assert dice_score(p, t).item() == pytest.approx(2 / 4.0001, abs=1e-7)
-    assert dice_loss(p, t).item() == pytest.approx(1 - 2 / 4.0001, abs=1e-7)
+def focal(p: float, y: int) -> float:
+    """Closed-form focal loss of one probability (alpha 0.25, gamma 2)."""
+    return 0.25 * (1 - p) ** 2 * -math.log(p) if y else 0.75 * p ** 2 * -math.log(1 - p)
 
 
-def test_focal_loss_by_hand():
-    # logit 0 -> p = 0.5; CE = ln 2; (1 - p_t)^2 = 0.25; alpha_t = 0.25 (positive) / 0.75 (negative)
-    pos = sigmoid_focal_loss(torch.zeros(1), torch.ones(1)).item()
-    neg = sigmoid_focal_loss(torch.zeros(1), torch.zeros(1)).item()
-    assert pos == pytest.approx(0.25 * 0.25 * math.log(2), rel=1e-6)
-    assert neg == pytest.approx(0.75 * 0.25 * math.log(2), rel=1e-6)
+def softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
 
 
-def test_mask_iou_by_hand():
-    probs = torch.tensor([[0.9, 0.5, 0.3, 0.1]])  # >= 0.4 -> [1, 1, 0, 0]
-    tgt = torch.tensor([[0.9, 0.2, 0.8, 0.0]])  # > 0.5 -> [1, 0, 1, 0]
+# ---------------------------------------------------------------------------------------------- pure functions
+
+def test_dice_score_of_two_2x2_masks():
+    p = torch.tensor([[1.0, 0.5], [0.0, 0.0]]).flatten()[None]  # (1, 4)
+    t = torch.tensor([[1.0, 1.0], [0.0, 0.0]]).flatten()[None]
+    # sum(pt) = 1.5, sum(p^2) = 1.25, sum(t^2) = 2
+    assert dice_score(p, t).item() == pytest.approx(3.0 / 3.2501, abs=1e-7)
+    assert dice_loss(p, t).item() == pytest.approx(1 - 3.0 / 3.2501, abs=1e-7)
+    # pairwise: (N=2, P) x (M=1, P) -> (2, 1); the second prediction is empty -> 0
+    pair = dice_score(torch.cat([p, torch.zeros_like(p)]), t)
+    assert pair.shape == (2, 1) and pair[1, 0].item() == 0.0
+    # dice_loss sums over pairs
+    assert dice_loss(torch.cat([p, p]), torch.cat([t, t])).item() == pytest.approx(2 * (1 - 3.0 / 3.2501), abs=1e-6)
+
+
+def test_focal_loss_on_one_logit():
+    # logit 0 -> p = 0.5: CE = ln 2, (1 - p_t)^2 = 1/4
+    assert sigmoid_focal_loss(torch.zeros(1), torch.ones(1)).item() == pytest.approx(0.25 * 0.25 * LN2, rel=1e-6)
+    assert sigmoid_focal_loss(torch.zeros(1), torch.zeros(1)).item() == pytest.approx(0.75 * 0.25 * LN2, rel=1e-6)
+    # logit ln 3 -> p = 0.75: positive 0.25 * 0.25^2 * ln(4/3), negative 0.75 * 0.75^2 * ln 4
+    x = torch.tensor([math.log(3.0)])
+    assert sigmoid_focal_loss(x, torch.ones(1)).item() == pytest.approx(0.25 * 0.0625 * math.log(4 / 3), rel=1e-6)
+    assert sigmoid_focal_loss(x, torch.zeros(1)).item() == pytest.approx(0.75 * 0.5625 * math.log(4), rel=1e-6)
+    # stable at saturated logits: a confident wrong negative costs 0.75 * 1 * 100
+    assert sigmoid_focal_loss(torch.tensor([100.0]), torch.zeros(1)).item() == pytest.approx(75.0, rel=1e-6)
+
+
+def test_mask_iou_thresholds():
+    probs = torch.tensor([[0.9, 0.4, 0.39, 0.1]])  # >= 0.4 -> [1, 1, 0, 0]
+    tgt = torch.tensor([[0.9, 0.5, 0.8, 0.0]])  # > 0.5 -> [1, 0, 1, 0]
     assert mask_iou(probs, tgt).item() == pytest.approx(1 / 3, abs=1e-5)  # inter 1, union 3
-
-
-def _outputs(probs, n_pix=16, mask_logit=20.0):
-    """3 queries predicting full masks; class probabilities given."""
-    p = torch.tensor(probs)
-    return {"pred_logits": torch.log(p / (1 - p))[None],
-            "pred_scores": torch.zeros(1, len(probs), 1),
-            "pred_masks": torch.full((1, len(probs), 4, n_pix // 4), mask_logit)}
-
-
-def test_matcher_beats_greedy():
-    # Equal masks everywhere, so the score is prob^0.2 up to a constant. Wanted scores:
-    #   S = [[0.9, 0.8], [0.85, 0.1], [0.1, 0.1]]; greedy takes (0,0) then (1,1) = 1.0,
-    #   the optimum is (0,1) + (1,0) = 1.65. prob = S^5 gives prob^0.2 = S.
-    s = [[0.9, 0.8], [0.85, 0.1], [0.1, 0.1]]
-    probs = [[v ** 5 for v in row] for row in s]
-    out = _outputs(probs)
-    targets = [{"labels": torch.tensor([0, 1]), "masks": torch.ones(2, 16, 16, dtype=torch.uint8)}]
-    tgt_masks = prepare_target_masks(targets, (4, 4))
-    (q, t), = HungarianMatcher()(out, targets, tgt_masks)
-    assert q.dtype == torch.int64 and t.dtype == torch.int64
-    assert dict(zip(q.tolist(), t.tolist())) == {0: 1, 1: 0}
-
-
-def test_class_targets_land_on_matched_rows():
-    # query 0 <-> target 1 (label 1), query 1 <-> target 0 (label 0): GT order != query order
-    logits = torch.zeros(1, 3, 2)
-    targets = [{"labels": torch.tensor([0, 1])}]
-    indices = [(torch.tensor([0, 1]), torch.tensor([1, 0]))]
-    loss = MobileInstCriterion.class_loss(logits, targets, indices).item()
-    # 6 entries at p = 0.5: two positives ([0, 1] and [1, 0]) and four negatives
-    expected = 2 * 0.25 * 0.25 * math.log(2) + 4 * 0.75 * 0.25 * math.log(2)
-    assert loss == pytest.approx(expected, rel=1e-6)
-    # the reproduction's bug (targets in GT order: [0, 0] and [1, 1]) gives the same count but not
-    # the same placement; check the placement through non-uniform logits
-    logits = torch.tensor([[[-2.0, 3.0], [1.0, -1.0], [0.0, 0.0]]])
-    got = MobileInstCriterion.class_loss(logits, targets, indices)
-    onehot = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]]])
-    assert got.item() == pytest.approx(sigmoid_focal_loss(logits, onehot).item(), rel=1e-6)
-    wrong = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]])
-    assert got.item() != pytest.approx(sigmoid_focal_loss(logits, wrong).item(), rel=1e-3)
-
-
-def test_objectness_target_is_the_iou():
-    crit = MobileInstCriterion(num_classes=1)
-    pred = torch.tensor([logit(0.9), logit(0.5), logit(0.3), logit(0.1)]).view(1, 1, 2, 2)
-    tgt = [torch.tensor([[0.9, 0.2], [0.8, 0.0]])[None]]
-    obj = torch.zeros(1, 1, 1)  # sigmoid 0.5
-    losses = crit.mask_losses(pred, obj, tgt, [(torch.tensor([0]), torch.tensor([0]))], 1.0)
-    iou = 1 / 3
-    expected = -(iou * math.log(0.5) + (1 - iou) * math.log(0.5))  # BCE at p = 0.5
-    assert losses["loss_obj"].item() == pytest.approx(expected, rel=1e-5)
-
-
-def _random_outputs(b, n, c, h=8, w=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(*shape, generator=g, requires_grad=True) for k, shape in
-            (("pred_logits", (b, n, c)), ("pred_scores", (b, n, 1)), ("pred_masks", (b, n, h, w)))}
-
-
-def _target(labels, h=32, w=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {"labels": torch.tensor(labels, dtype=torch.int64),
-            "masks": (torch.rand(len(labels), h, w, generator=g) > 0.5).to(torch.uint8)}
-
-
-def test_empty_image_and_empty_batch():
-    crit = MobileInstCriterion(num_classes=3)
-    out = _random_outputs(2, 5, 3)
-    losses = crit(out, [_target([0, 2]), _target([])])
-    assert all(torch.isfinite(v) for v in losses.values())
-    losses["loss"].backward()
-
-    out = _random_outputs(2, 5, 3)
-    losses = crit(out, [_target([]), _target([])])
-    assert all(torch.isfinite(v) for v in losses.values())
-    assert losses["loss_dice"].item() == 0 and losses["loss_mask"].item() == 0
-    losses["loss"].backward()
-    assert out["pred_masks"].grad is not None and out["pred_masks"].grad.abs().sum() == 0
-    assert out["pred_logits"].grad.abs().sum() > 0  # focal loss pushes every query to background
-
-
-def test_more_targets_than_queries():
-    crit = MobileInstCriterion(num_classes=2)
-    out = _random_outputs(1, 2, 2)
-    losses = crit(out, [_target([0, 1, 0, 1, 1])])
-    assert all(torch.isfinite(v) for v in losses.values())
-    losses["loss"].backward()
-
-
-def test_bf16_autocast_is_finite():
-    crit = MobileInstCriterion(num_classes=3)
-    out = _random_outputs(2, 5, 3)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf = {k: v.to(torch.bfloat16) for k, v in out.items()}
-        losses = crit(bf, [_target([0, 2]), _target([1])])
-    assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in losses.values())
-
-
-def test_normalised_per_instance():
-    crit = MobileInstCriterion(num_classes=3)
-    out = _random_outputs(1, 6, 3)
-    tgt = [_target([0, 2, 1])]
-    single = crit(out, tgt)
-    double = crit({k: torch.cat([v, v]) for k, v in out.items()}, tgt + tgt)
-    for k in ("loss_cls", "loss_dice", "loss_mask", "loss_obj"):
-        assert double[k].item() == pytest.approx(single[k].item(), rel=1e-5), k
+    assert mask_iou(torch.zeros(1, 4), torch.zeros(1, 4)).item() == 0.0  # empty/empty: 0, not NaN
 
 
 def test_target_masks_padded_then_resized():
-    # a 6x6 all-ones mask in a 16x16 padded input, at mask size 4x4 (stride 4)
-    t = [{"labels": torch.tensor([0]), "masks": torch.ones(1, 6, 6, dtype=torch.uint8)}]
+    # a 6x6 all-ones mask in a 16x16 padded input, down to 4x4. Bilinear (align_corners=False) samples the
+    # input at 4i + 1.5: i=0 -> between pixels 1, 2 (both 1) = 1; i=1 -> between 5 (1) and 6 (0) = 0.5
+    t = [{"labels": torch.tensor([0]), "masks": torch.ones(1, 6, 6, dtype=torch.bool)}]
     m = prepare_target_masks(t, (4, 4))[0][0]
-    assert m[0, 0] == 1.0 and m[3, 3] == 0.0  # inside / padding
-    assert 0 < m[1, 1] < 1  # soft at the border, not re-binarised
+    expected = torch.zeros(4, 4)
+    expected[:2, :2] = torch.tensor([[1.0, 0.5], [0.5, 0.25]])
+    assert m.dtype == torch.float32 and torch.equal(m, expected)  # soft, not re-binarised
+    empty = prepare_target_masks([{"labels": torch.zeros(0, dtype=torch.int64),
+                                   "masks": torch.zeros(0, 10, 12, dtype=torch.uint8)}], (4, 4))[0]
+    assert empty.shape == (0, 4, 4)
+    with pytest.raises(ValueError, match="padded input"):  # larger than the padded input: refuse, don't crop
+        prepare_target_masks([{"labels": torch.tensor([0]), "masks": torch.ones(1, 17, 8)}], (4, 4))
+
+
+# ---------------------------------------------------------------------------------------------- the matcher
+
+def _blocks(row: list[int]) -> torch.Tensor:
+    """A (1, 4) mask-grid row -> (4, 16) image mask of 4x4 blocks (prepared back to exactly `row`)."""
+    return torch.tensor(row, dtype=torch.uint8).repeat_interleave(4)[None].repeat(4, 1)
+
+
+# Scene used below: mask grid 1x4 (input 4x16), 3 queries, 2 targets, C = 2.
+#   q0 = [0,0,0,0]  q1 = [1,1,1,0]  q2 = [1,0,0,0];   t0 = [1,1,0,0] (label 0)  t1 = [0,0,1,1] (label 1)
+#   dice: q0-* = 0, q1-t0 = 4/5, q1-t1 = 2/5, q2-t0 = 2/3, q2-t1 = 0
+#   class probs: q0 = [0.5, 0.5], q1 = [0.5, 0.8], q2 = [0.8, 0.5]
+#   S = dice^0.8 * p^0.2:  q0-* 0,  q1-t0 0.8^.8 * 0.5^.2 = 0.728,  q1-t1 0.4^.8 * 0.8^.2 = 0.459,
+#                          q2-t0 (2/3)^.8 * 0.8^.2 = 0.691, q2-t1 0
+#   greedy (best pair first): q1-t0, then t1 -> 0 (q0 or q2): total 0.728
+#   "identity" (q0-t0, q1-t1): total 0.459;  optimum q1-t1 + q2-t0: total 1.151 (rows 1, 2: not 0, 1)
+Q_MASKS = [[0, 0, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]
+Q_PROBS = [[0.5, 0.5], [0.5, 0.8], [0.8, 0.5]]
+Q_OBJ = [0.5, 0.75, 0.5]  # objectness probabilities
+
+
+def _scene_outputs(requires_grad: bool = False) -> dict[str, torch.Tensor]:
+    out = {"pred_logits": torch.tensor([[[logit(p) for p in row] for row in Q_PROBS]]),
+           "pred_scores": torch.tensor([[[logit(p)] for p in Q_OBJ]]),
+           "pred_masks": (torch.tensor(Q_MASKS, dtype=torch.float32) * 2 * BIG - BIG).view(1, 3, 1, 4)}
+    return {k: v.requires_grad_(requires_grad) for k, v in out.items()}
+
+
+def _scene_target() -> dict[str, torch.Tensor]:
+    return {"labels": torch.tensor([0, 1]), "masks": torch.stack([_blocks([1, 1, 0, 0]), _blocks([0, 0, 1, 1])])}
+
+
+def test_matcher_optimum_is_neither_identity_nor_greedy():
+    dice = [[0.0, 0.0], [0.8, 0.4], [2 / 3, 0.0]]
+    prob = [[0.5, 0.5], [0.5, 0.8], [0.8, 0.5]]  # prob of each target's label: t0 -> class 0, t1 -> class 1
+    s = [[dice[i][j] ** 0.8 * prob[i][j] ** 0.2 for j in range(2)] for i in range(3)]
+    assert s[1][1] + s[2][0] > s[1][0] + max(s[0][1], s[2][1]) + 0.4  # optimum beats greedy/identity clearly
+
+    out, targets = _scene_outputs(), [_scene_target()]
+    (q, t), = HungarianMatcher()(out, targets)
+    assert q.dtype == torch.int64 and t.dtype == torch.int64
+    assert dict(zip(q.tolist(), t.tolist())) == {1: 1, 2: 0}
+    # prepared masks given by the criterion give the same answer
+    (q2, t2), = HungarianMatcher()(out, targets, prepare_target_masks(targets, (1, 4)))
+    assert q2.tolist() == q.tolist() and t2.tolist() == t.tolist()
+
+
+def test_matcher_exponents_dice_08_prob_02():
+    # q0 = t0 = [1,1,0,0], q1 = t1 = [0,1,1,0]: dice 1 on the diagonal, 2*1/(2+2) = 1/2 off it.
+    # class probs of the targets' labels: diagonal 0.1, off-diagonal 0.9.
+    #   dice^0.8 * p^0.2: diagonal 2 * 0.1^0.2 = 1.262 > swapped 2 * 0.5^0.8 * 0.9^0.2 = 1.124
+    #   dice^0.2 * p^0.8 (exponents the wrong way round): diagonal 2 * 0.1^0.8 = 0.317 < swapped 1.601
+    assert 2 * 0.1 ** 0.2 > 2 * 0.5 ** 0.8 * 0.9 ** 0.2 and 2 * 0.1 ** 0.8 < 2 * 0.5 ** 0.2 * 0.9 ** 0.8
+    out = {"pred_logits": torch.tensor([[[logit(0.1), logit(0.9)], [logit(0.9), logit(0.1)]]]),
+           "pred_masks": (torch.tensor([[1.0, 1, 0, 0], [0, 1, 1, 0]]) * 2 * BIG - BIG).view(1, 2, 1, 4)}
+    targets = [{"labels": torch.tensor([0, 1]), "masks": torch.stack([_blocks([1, 1, 0, 0]), _blocks([0, 1, 1, 0])])}]
+    (q, t), = HungarianMatcher()(out, targets)
+    assert dict(zip(q.tolist(), t.tolist())) == {0: 0, 1: 1}
+    (q, t), = HungarianMatcher(alpha=0.2, beta=0.8)(out, targets)  # configurable
+    assert dict(zip(q.tolist(), t.tolist())) == {0: 1, 1: 0}
+
+
+def test_matcher_class_term_breaks_greedy():
+    # equal masks everywhere, so S = prob^0.2 up to a constant: S = [[0.9, 0.8], [0.85, 0.1], [0.1, 0.1]]
+    # greedy (0,0) + (1,1) = 1.0; optimum (0,1) + (1,0) = 1.65.  prob = S^5 gives prob^0.2 = S.
+    s = [[0.9, 0.8], [0.85, 0.1], [0.1, 0.1]]
+    p = torch.tensor([[v ** 5 for v in row] for row in s])
+    out = {"pred_logits": torch.log(p / (1 - p))[None], "pred_masks": torch.full((1, 3, 4, 4), BIG)}
+    targets = [{"labels": torch.tensor([0, 1]), "masks": torch.ones(2, 16, 16, dtype=torch.uint8)}]
+    (q, t), = HungarianMatcher()(out, targets)
+    assert dict(zip(q.tolist(), t.tolist())) == {0: 1, 1: 0}
+
+
+def test_matcher_empty_targets_are_int64():
+    out = _scene_outputs()
+    out = {k: torch.cat([v, v]) for k, v in out.items()}
+    none = {"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 4, 16, dtype=torch.uint8)}
+    for targets in ([_scene_target(), none], [none, none]):
+        indices = HungarianMatcher()(out, targets)
+        q, t = indices[1]
+        assert q.dtype == t.dtype == torch.int64 and q.numel() == t.numel() == 0
+
+
+def test_matcher_survives_nan(caplog):
+    out = _scene_outputs()
+    out["pred_masks"][0, 1] = float("nan")  # query 1 (the best one) is broken
+    targets = [_scene_target()]
+    m = HungarianMatcher()
+    with caplog.at_level(logging.WARNING, logger="mobileinst.train"):
+        (q, t), = m(out, targets)
+        m(out, targets)
+    assert dict(zip(q.tolist(), t.tolist())) == {0: 1, 2: 0}  # the NaN query 1 is the worst match
+    assert sum("non-finite" in r.message for r in caplog.records) == 1  # warned once
+
+
+def test_more_targets_than_queries():
+    # N = 2 queries on a 1x8 grid predicting pixels 3 and 6; M = 5 one-pixel targets at 0, 3, 5, 6, 7
+    pm = torch.full((1, 2, 1, 8), -BIG)
+    pm[0, 0, 0, 3] = pm[0, 1, 0, 6] = BIG
+    out = {"pred_logits": torch.zeros(1, 2, 2, requires_grad=True), "pred_scores": torch.zeros(1, 2, 1),
+           "pred_masks": pm.requires_grad_()}
+    masks = torch.zeros(5, 4, 32, dtype=torch.uint8)
+    for k, px in enumerate([0, 3, 5, 6, 7]):
+        masks[k, :, 4 * px:4 * px + 4] = 1
+    targets = [{"labels": torch.tensor([1, 0, 1, 1, 1]), "masks": masks}]
+    (q, t), = HungarianMatcher()(out, targets)
+    assert dict(zip(q.tolist(), t.tolist())) == {0: 1, 1: 3}
+
+    losses = MobileInstCriterion(num_classes=2)(out, targets)
+    # num_instances = 5; matched labels: q0 -> class 0, q1 -> class 1; all probs 0.5
+    assert losses["loss_cls"].item() == pytest.approx(2 * (2 * focal(0.5, 1) + 2 * focal(0.5, 0)) / 5, rel=1e-5)
+    assert losses["loss_dice"].item() == pytest.approx(2 * 2 * (1 - 2 / 2.0001) / 5, rel=1e-3)
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["loss"].backward()
+    assert torch.isfinite(out["pred_masks"].grad).all()
+
+
+# ---------------------------------------------------------------------------------------------- the criterion
+
+# Expected losses of the scene (matched q1-t1, q2-t0; num_instances 2), weights applied:
+#   cls:  positives q1/class 1 and q2/class 0 at p = 0.8, four negatives at p = 0.5, 2 * sum / 2
+#   dice: q1-t1: 1 - 2/(3 + 2 + 1e-4), q2-t0: 1 - 2/(1 + 2 + 1e-4), 2 * sum / 2
+#   mask: 8 matched pixels, 4 wrong (BCE softplus(20)), 4 right (softplus(-20)), mean, x 5
+#   obj:  IoU targets q1-t1 = 1/4, q2-t0 = 1/2; q1 at p = 0.75, q2 at p = 0.5; mean
+SCENE = {
+    "loss_cls": 2 * (2 * focal(0.8, 1) + 4 * focal(0.5, 0)) / 2,
+    "loss_dice": 2 * ((1 - 2 / 5.0001) + (1 - 2 / 3.0001)) / 2,
+    "loss_mask": 5 * (4 * softplus(BIG) + 4 * softplus(-BIG)) / 8,
+    "loss_obj": (-(0.25 * math.log(0.75) + 0.75 * math.log(0.25)) + LN2) / 2,
+}
+
+
+def _check(losses: dict, expected: dict, rel: float = 1e-5) -> None:
+    for k, v in expected.items():
+        assert losses[k].item() == pytest.approx(v, rel=rel, abs=1e-7), k
+    assert losses["loss"].item() == pytest.approx(sum(losses[k].item() for k in expected), rel=1e-6)
+
+
+def test_scene_losses_by_hand():
+    losses = MobileInstCriterion(num_classes=2)(_scene_outputs(), [_scene_target()])
+    _check(losses, SCENE)
+    # class targets written in GT order (the reproduction's bug): row 1 -> class 0, row 2 -> class 1.
+    # positives at p = 0.5, negatives q1/class 1 and q2/class 0 at p = 0.8: a different number.
+    bug = 2 * (2 * focal(0.5, 1) + 2 * focal(0.8, 0) + 2 * focal(0.5, 0)) / 2
+    assert abs(losses["loss_cls"].item() - bug) > 0.1
+
+
+def test_class_targets_land_on_matched_rows():
+    # query 0 <-> target 1 (label 1), query 2 <-> target 0 (label 0), query 1 unmatched; each cell differs
+    logits = torch.tensor([[[logit(0.1), logit(0.7)], [logit(0.6), logit(0.2)], [logit(0.3), logit(0.4)]]])
+    targets = [{"labels": torch.tensor([0, 1])}]
+    indices = [(torch.tensor([0, 2]), torch.tensor([1, 0]))]
+    got = MobileInstCriterion.class_loss(logits, targets, indices).item()
+    # one-hot rows: q0 = [0, 1], q1 = [0, 0], q2 = [1, 0]
+    expected = (focal(0.1, 0) + focal(0.7, 1) + focal(0.6, 0) + focal(0.2, 0) + focal(0.3, 1) + focal(0.4, 0))
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_objectness_target_is_the_iou():
+    # soft target and a prediction on the 0.4 threshold: pred >= 0.4 -> [1, 1, 0, 0], target > 0.5 -> [1, 0, 1, 0]
+    pred = torch.tensor([logit(0.9), logit(0.4), logit(0.3), logit(0.1)]).view(1, 1, 2, 2)
+    tgt = [torch.tensor([[0.9, 0.5], [0.8, 0.0]])[None]]
+    obj = torch.full((1, 1, 1), logit(0.8), requires_grad=True)
+    losses = MobileInstCriterion.mask_losses(pred, obj, tgt, [(torch.tensor([0]), torch.tensor([0]))], 1.0)
+    iou = 1 / 3  # inter 1, union 3
+    assert losses["loss_obj"].item() == pytest.approx(-(iou * math.log(0.8) + (1 - iou) * math.log(0.2)), rel=1e-5)
+    losses["loss_obj"].backward()
+    assert obj.grad.item() == pytest.approx(0.8 - iou, rel=1e-5)  # d BCE / d logit = p - y: the target is IoU
+
+
+def test_empty_image_in_a_batch():
+    out = {k: torch.cat([v, torch.zeros_like(v)]).requires_grad_() for k, v in _scene_outputs().items()}
+    none = {"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 4, 12, dtype=torch.uint8)}
+    losses = MobileInstCriterion(num_classes=2)(out, [_scene_target(), none])
+    # image 2 only adds 3 x 2 background entries at p = 0.5 to the focal sum; num_instances stays 2
+    _check(losses, dict(SCENE, loss_cls=SCENE["loss_cls"] + 2 * 6 * focal(0.5, 0) / 2))
+    losses["loss"].backward()
+    assert out["pred_masks"].grad[1].abs().sum() == 0 and out["pred_scores"].grad[1].abs().sum() == 0
+
+
+def test_all_empty_batch():
+    out = {"pred_logits": torch.zeros(2, 3, 2, requires_grad=True),
+           "pred_scores": torch.zeros(2, 3, 1, requires_grad=True),
+           "pred_masks": torch.randn(2, 3, 2, 2, requires_grad=True)}
+    none = {"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 8, 8, dtype=torch.bool)}
+    losses = MobileInstCriterion(num_classes=2)(out, [none, none])
+    # focal: 12 background entries at p = 0.5, num_instances clamped to 1, weight 2
+    _check(losses, {"loss_cls": 2 * 12 * focal(0.5, 0), "loss_dice": 0.0, "loss_mask": 0.0, "loss_obj": 0.0})
+    losses["loss"].backward()
+    for k in ("pred_masks", "pred_scores"):
+        assert out[k].grad is not None and torch.equal(out[k].grad, torch.zeros_like(out[k]))
+    g = out["pred_logits"].grad
+    assert torch.isfinite(g).all() and (g > 0).all()  # every query pushed towards background
+
+
+def test_num_instances_normalisation():
+    crit = MobileInstCriterion(num_classes=2)
+    out, tgt = _scene_outputs(), [_scene_target()]
+    double = crit({k: torch.cat([v, v]) for k, v in out.items()}, tgt + tgt)  # 4 instances
+    _check(double, SCENE)  # per-instance normalisation: the duplicated batch has the same losses
+    given = crit(out, tgt, num_instances=4.0)  # explicit (e.g. computed over a larger batch)
+    _check(given, dict(SCENE, loss_cls=SCENE["loss_cls"] / 2, loss_dice=SCENE["loss_dice"] / 2))
+    assert count_instances(tgt + tgt) == 4.0 and count_instances([]) == 1.0
+
+
+def test_weights_are_configurable():
+    crit = MobileInstCriterion(num_classes=2, weights={"loss_mask": 1.0})
+    losses = crit(_scene_outputs(), [_scene_target()])
+    _check(losses, dict(SCENE, loss_mask=SCENE["loss_mask"] / 5))
+
+
+def test_bf16_autocast_is_finite():
+    crit = MobileInstCriterion(num_classes=2)
+    out = _scene_outputs(requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf = {k: v.to(torch.bfloat16) for k, v in out.items()}
+        losses = crit(bf, [_scene_target()])
+    assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in losses.values())
+    _check(losses, SCENE, rel=2e-2)  # bf16 inputs (8-bit mantissa), fp32 arithmetic
+    losses["loss"].backward()
+    assert all(torch.isfinite(v.grad).all() for v in out.values())
+
+
+def test_bad_targets_are_refused():
+    crit = MobileInstCriterion(num_classes=2)
+    bad = dict(_scene_target(), labels=torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        crit(_scene_outputs(), [bad])
+    with pytest.raises(ValueError, match="targets for a batch"):
+        crit(_scene_outputs(), [_scene_target(), _scene_target()])
+
+
+def _count_worker(rank: int, path: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
+    labels = torch.zeros(3 if rank == 0 else 0, dtype=torch.int64)  # 3 instances on rank 0, none on rank 1
+    n = count_instances([{"labels": labels}])
+    torch.distributed.destroy_process_group()
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(str(n))
+
+
+def test_num_instances_is_averaged_over_workers(tmp_path):
+    mp.spawn(_count_worker, args=(str(tmp_path / "pg"), str(tmp_path / "n")), nprocs=2, join=True)
+    # (3 + 0) / 2 workers = 1.5 on both ranks (the DETR recipe); rank 1 alone would have clamped to 1
+    assert [float(open(tmp_path / f"n.{r}").read()) for r in (0, 1)] == [1.5, 1.5]

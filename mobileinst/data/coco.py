@@ -4,13 +4,27 @@
 - images without annotations are kept;
 - category ids of any values map to contiguous labels 0..C-1 in sorted-id order, and back
   through `cat_ids` when results are written;
-- the json is validated up front: every problem names the file and what is wrong.
+- the json is validated up front: every problem names the file and what is wrong (DataError);
+- degenerate annotations (empty segmentation, polygons with < 3 points or zero area, zero-area
+  RLE, malformed segmentation) are skipped with ONE counted warning line per file;
+- masks are decoded lazily, per item (pycocotools); a mask that rasterises to no pixel at all
+  (a sub-pixel polygon) is dropped at load time.
+
+Item `ds[i]` (or `ds[(i, seed)]`: the augmentation is drawn from np.random.default_rng(seed)):
+
+    image  : torch.uint8 (3, H, W), RGB, after the transform (not normalised, not padded)
+    target : {"labels": int64 (M,), "masks": uint8 (M, H, W) at the transformed size,
+              "image_id": int (the json's id), "orig_size": (h0, w0), "size": (H, W)}
+
+With an int key and a random transform, the seed is drawn from torch's global generator, which
+DataLoader workers seed from the loader's generator, so runs are reproducible either way.
 """
 from __future__ import annotations
 
 import json
 import logging
 from collections import defaultdict
+from operator import mul
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,16 +35,21 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from .transforms import nonempty
 
 log = logging.getLogger("mobileinst.data")
 
+Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator],
+                     tuple[np.ndarray, np.ndarray, np.ndarray]]
+
 
 def read_json(path: str | Path) -> Any:
+    """Parse a json file; DataError naming the file if it is missing or broken."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such annotation file")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: broken json at line {e.lineno} column {e.colno}: {e.msg}") from None
@@ -39,7 +58,8 @@ def read_json(path: str | Path) -> Any:
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3); DataError naming the file if it is missing or not a readable image."""
+    """RGB uint8 (H, W, 3); DataError naming the file if it is missing or not a readable image.
+    cv2 applies the EXIF orientation and turns grey / 16-bit / RGBA files into 8-bit RGB."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: image file missing")
@@ -49,45 +69,83 @@ def read_rgb(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+# -- segmentations ---------------------------------------------------------------------------------
+def _polygon_area(poly: list[float]) -> float:
+    """Shoelace area of a flat [x1, y1, ...] polygon (plain Python: fast on short lists)."""
+    x, y = poly[0::2], poly[1::2]
+    return 0.5 * abs(sum(map(mul, x, y[1:] + y[:1])) - sum(map(mul, y, x[1:] + x[:1])))
+
+
+def _valid_polygon(p: Any) -> bool:
+    """A flat [x1, y1, x2, y2, ...] list of numbers with >= 3 points and a non-zero area."""
+    if not isinstance(p, list) or len(p) < 6 or len(p) % 2:
+        return False
+    try:
+        return _polygon_area(p) > 0
+    except (TypeError, ValueError):  # not numbers
+        return False
+
+
 def is_degenerate(seg: Any) -> bool:
-    """An annotation that cannot describe any pixels: empty, or polygons with < 3 points."""
+    """An annotation that cannot describe any pixels: missing, empty, malformed, polygons with
+    < 3 points or no area, RLE with no foreground run (checked on the RLE, without decoding)."""
     if isinstance(seg, list):
-        return not any(isinstance(p, list) and len(p) >= 6 for p in seg)
-    if isinstance(seg, dict):
-        return "counts" not in seg or "size" not in seg
+        return not any(_valid_polygon(p) for p in seg)
+    if not isinstance(seg, dict) or "counts" not in seg or "size" not in seg:
+        return True
+    counts = seg["counts"]
+    if isinstance(counts, list):  # uncompressed: runs alternate background / foreground
+        try:
+            return sum(counts[1::2]) == 0
+        except TypeError:  # not numbers
+            return True
+    if isinstance(counts, (str, bytes)):
+        try:
+            return int(mask_utils.area(seg)) == 0
+        except Exception:  # noqa: BLE001 - pycocotools raises bare exceptions on garbage
+            return True
     return True
 
 
+def rle_size(seg: Any) -> tuple[int, int] | None:
+    """(h, w) an RLE declares, None for polygons."""
+    return tuple(int(v) for v in seg["size"]) if isinstance(seg, dict) else None
+
+
 def decode_segmentation(seg: Any, h: int, w: int) -> np.ndarray:
-    """Polygon list / uncompressed RLE / compressed RLE -> (h, w) uint8 mask."""
-    if isinstance(seg, list):  # polygons
-        rle = mask_utils.merge(mask_utils.frPyObjects([p for p in seg if len(p) >= 6], h, w))
+    """Polygon list / uncompressed RLE / compressed RLE -> (h, w) uint8 {0, 1} mask."""
+    if isinstance(seg, list):  # polygons (the valid parts), merged
+        rle = mask_utils.merge(mask_utils.frPyObjects([p for p in seg if _valid_polygon(p)], h, w))
     elif isinstance(seg["counts"], list):  # uncompressed RLE
         rle = mask_utils.frPyObjects(seg, h, w)
     else:  # compressed RLE
-        rle = dict(seg, counts=seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"])
+        counts = seg["counts"]
+        rle = {"size": seg["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
     return mask_utils.decode(rle).astype(np.uint8)
 
 
+# -- the dataset -------------------------------------------------------------------------------
 class CocoInstances(Dataset):
-    """A COCO json + image folder. Item (key = index, or (index, seed) to draw augmentation from):
-    (image uint8 tensor (3, H, W), target) with target = labels int64 (M,), masks uint8 (M, H, W)
-    at the transformed size, image_id (the json's id), orig_size (h0, w0), size (h, w)."""
+    """A COCO instance-segmentation json + image folder (see the module docstring for the item).
+
+    Attributes: `class_names` (C,), `cat_ids` (contiguous label -> original category id),
+    `label_of` (original id -> label), `images` (the json's image entries), `num_skipped`."""
 
     def __init__(self, json_path: str | Path, image_dir: str | Path,
-                 transform: Callable | None = None, class_names: list[str] | None = None) -> None:
+                 transform: Transform | None = None, class_names: list[str] | None = None) -> None:
         self.json_path, self.image_dir = Path(json_path), Path(image_dir)
         self.transform = transform
         data = read_json(self.json_path)
         self._check_layout(data)
         cats = sorted(data["categories"], key=lambda c: c["id"])
-        self.cat_ids = [c["id"] for c in cats]
-        self.class_names = list(class_names) if class_names else [str(c.get("name", c["id"])) for c in cats]
+        self.cat_ids: list[int] = [c["id"] for c in cats]
+        self.class_names: list[str] = (list(class_names) if class_names else
+                                       [str(c.get("name", c["id"])) for c in cats])
         if len(self.class_names) != len(self.cat_ids):
             raise DataError(f"{self.json_path}: {len(self.cat_ids)} categories but "
                             f"{len(self.class_names)} names given")
         self.label_of = {cid: i for i, cid in enumerate(self.cat_ids)}
-        self.images = data["images"]
+        self.images: list[dict] = data["images"]
         self.anns = self._index_annotations(data["annotations"])
 
     # -- validation ------------------------------------------------------------------------------
@@ -96,24 +154,30 @@ class CocoInstances(Dataset):
         if not isinstance(data, dict):
             raise DataError(f"{f}: a COCO json must be an object with images/annotations/categories")
         for key in ("images", "annotations", "categories"):
-            if not isinstance(data.get(key), list):
-                raise DataError(f"{f}: missing or malformed '{key}' list")
+            if key not in data:
+                raise DataError(f"{f}: missing '{key}' key (a COCO instances json needs images, "
+                                f"annotations and categories)")
+            if not isinstance(data[key], list):
+                raise DataError(f"{f}: '{key}' must be a list, not {type(data[key]).__name__}")
         if not data["categories"]:
             raise DataError(f"{f}: no categories")
-        ids = [im.get("id") for im in data["images"]]
-        if len(set(ids)) != len(ids):
-            dup = next(i for i in ids if ids.count(i) > 1)
-            raise DataError(f"{f}: duplicate image id {dup}")
+        for c in data["categories"]:
+            if not isinstance(c, dict) or not isinstance(c.get("id"), int):
+                raise DataError(f"{f}: category entry {c!r:.80} lacks an integer id")
+        _no_duplicates(f, "category", [c["id"] for c in data["categories"]])
         for im in data["images"]:
-            if not {"id", "file_name", "height", "width"} <= im.keys():
-                raise DataError(f"{f}: image entry {im.get('id')} lacks id/file_name/height/width")
+            if not isinstance(im, dict) or not {"id", "file_name", "height", "width"} <= im.keys():
+                raise DataError(f"{f}: image entry {im!r:.80} lacks id/file_name/height/width")
+        _no_duplicates(f, "image", [im["id"] for im in data["images"]])
 
-    def _index_annotations(self, anns: list[dict]) -> dict[int, list[dict]]:
-        image_ids = {im["id"] for im in self.images}
-        by_image: dict[int, list[dict]] = defaultdict(list)
+    def _index_annotations(self, anns: list[dict]) -> dict[Any, list[dict]]:
+        sizes = {im["id"]: (int(im["height"]), int(im["width"])) for im in self.images}
+        by_image: dict[Any, list[dict]] = defaultdict(list)
         skipped = []
         for a in anns:
-            if a.get("image_id") not in image_ids:
+            if not isinstance(a, dict):
+                raise DataError(f"{self.json_path}: annotation entry {a!r:.80} is not an object")
+            if a.get("image_id") not in sizes:
                 raise DataError(f"{self.json_path}: annotation {a.get('id')} refers to unknown "
                                 f"image id {a.get('image_id')}")
             if a.get("category_id") not in self.label_of:
@@ -121,45 +185,83 @@ class CocoInstances(Dataset):
                                 f"category id {a.get('category_id')}")
             if a.get("iscrowd", 0):
                 continue  # crowd regions are not training targets
-            if is_degenerate(a.get("segmentation")):
+            seg = a.get("segmentation")
+            if is_degenerate(seg):
                 skipped.append(a.get("id"))
                 continue
+            self._check_rle(a, sizes[a["image_id"]])
             by_image[a["image_id"]].append(a)
-        if skipped:
-            log.warning("%s: skipped %d degenerate annotation(s) (ids %s%s)", self.json_path.name,
-                        len(skipped), ", ".join(map(str, skipped[:10])), ", ..." if len(skipped) > 10 else "")
         self.num_skipped = len(skipped)
+        if skipped:
+            shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
+            log.warning("%s: skipped %d degenerate annotation(s) (ids %s)", self.json_path.name,
+                        len(skipped), shown)
         return by_image
+
+    def _check_rle(self, ann: dict, hw: tuple[int, int]) -> None:
+        """An RLE must cover exactly its image."""
+        seg = ann["segmentation"]
+        size = rle_size(seg)
+        if size is None:
+            return
+        if size != hw:
+            raise DataError(f"{self.json_path}: annotation {ann.get('id')} is an RLE of size "
+                            f"{list(size)} but image {ann['image_id']} is {list(hw)}")
+        if isinstance(seg["counts"], list) and sum(seg["counts"]) != hw[0] * hw[1]:
+            raise DataError(f"{self.json_path}: annotation {ann.get('id')}: uncompressed RLE "
+                            f"counts sum to {sum(seg['counts'])}, not {hw[0]} x {hw[1]}")
 
     # -- items -----------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.images)
 
+    def num_instances(self, index: int) -> int:
+        """Training instances of image `index`, without loading it."""
+        return len(self.anns.get(self.images[index]["id"], []))
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Original image (H, W, 3) RGB uint8, labels (M,), masks (M, H, W) uint8 (empty ones dropped)."""
+        """Untransformed image (H, W, 3) RGB uint8, labels int64 (M,), masks uint8 (M, H, W);
+        masks that rasterise to nothing are dropped."""
         info = self.images[index]
         path = self.image_dir / info["file_name"]
         image = read_rgb(path)
-        h, w = info["height"], info["width"]
+        h, w = int(info["height"]), int(info["width"])
         if image.shape[:2] != (h, w):
-            raise DataError(f"{path}: image is {image.shape[1]}x{image.shape[0]} but "
+            raise DataError(f"{path}: image is {image.shape[1]}x{image.shape[0]} (w x h) but "
                             f"{self.json_path.name} says {w}x{h}")
         anns = self.anns.get(info["id"], [])
-        masks = np.stack([decode_segmentation(a["segmentation"], h, w) for a in anns]) if anns \
-            else np.zeros((0, h, w), np.uint8)
+        masks = (np.stack([decode_segmentation(a["segmentation"], h, w) for a in anns]) if anns
+                 else np.zeros((0, h, w), np.uint8))
         labels = np.array([self.label_of[a["category_id"]] for a in anns], np.int64)
-        nonempty = masks.reshape(len(masks), -1).any(1) if len(masks) else np.zeros(0, bool)
-        return image, labels[nonempty], masks[nonempty]
+        keep = nonempty(masks)
+        return image, labels[keep], masks[keep]
+
+    def _rng(self, seed: int | None) -> np.random.Generator:
+        if seed is None and getattr(self.transform, "random", True):
+            seed = int(torch.randint(0, 2**62, ()))  # reproducible under torch.manual_seed / workers
+        return np.random.default_rng(seed)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         image, labels, masks = self.load(index)
         orig = image.shape[:2]
         if self.transform is not None:
-            rng = np.random.default_rng(seed)
-            image, masks, keep = self.transform(image, masks, rng)
+            image, masks, keep = self.transform(image, masks, self._rng(seed))
             labels = labels[keep]
         target = {"labels": torch.from_numpy(labels), "masks": torch.from_numpy(masks),
                   "image_id": self.images[index]["id"], "orig_size": tuple(orig),
                   "size": tuple(image.shape[:2])}
         return torch.from_numpy(image).permute(2, 0, 1).contiguous(), target
+
+    def __repr__(self) -> str:
+        return (f"CocoInstances({self.json_path}, {len(self)} images, "
+                f"{sum(map(len, self.anns.values()))} instances, {len(self.cat_ids)} classes, "
+                f"transform={self.transform!r})")
+
+
+def _no_duplicates(path: Path, what: str, ids: list) -> None:
+    seen: set = set()
+    for i in ids:
+        if i in seen:
+            raise DataError(f"{path}: duplicate {what} id {i}")
+        seen.add(i)

@@ -3,9 +3,10 @@
     train: {json: annotations/instances_train.json, images: train}
     val:   {json: annotations/instances_val.json, images: val}
     names: [circle, square, ...]   # optional: taken from the json's categories otherwise
-    format: coco                   # or ytvis (YouTube-VIS videos)
+    format: coco                   # or ytvis (YouTube-VIS videos); `video: true` means ytvis
 
-Paths are relative to the YAML's folder.
+Paths are relative to the YAML's folder (absolute ones are kept); `load_data_config` returns them
+absolute. Other keys are kept in `DataConfig.extra`.
 """
 from __future__ import annotations
 
@@ -21,13 +22,13 @@ FORMATS = ("coco", "ytvis")
 
 @dataclass
 class Split:
-    json: Path
-    images: Path
+    json: Path  # the COCO (or YouTube-VIS) json, absolute
+    images: Path  # the image folder the json's file_names are relative to, absolute
 
 
 @dataclass
 class DataConfig:
-    path: Path
+    path: Path  # the DATA yaml itself, absolute
     train: Split
     val: Split
     names: list[str] | None = None
@@ -39,7 +40,8 @@ def _split(cfg: dict, key: str, root: Path, source: Path) -> Split:
     entry = cfg.get(key)
     if not isinstance(entry, dict) or "json" not in entry or "images" not in entry:
         raise DataError(f"{source}: '{key}' must be a mapping with 'json' and 'images'")
-    split = Split(root / str(entry["json"]), root / str(entry["images"]))
+    split = Split(root / Path(str(entry["json"])).expanduser(),
+                  root / Path(str(entry["images"])).expanduser())
     if not split.json.is_file():
         raise DataError(f"{source}: {key} json {split.json} does not exist")
     if not split.images.is_dir():
@@ -58,13 +60,14 @@ def load_data_config(path: str | Path) -> DataConfig:
         raise DataError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(cfg, dict):
         raise DataError(f"{path}: a DATA file must be a mapping with train/val entries")
-    root = path.resolve().parent
-    fmt = str(cfg.get("format", "coco"))
+    path = path.resolve()
+    root = path.parent
+    fmt = str(cfg.get("format", "ytvis" if cfg.get("video") is True else "coco"))
     if fmt not in FORMATS:
         raise DataError(f"{path}: unknown format {fmt!r}; expected one of {FORMATS}")
     names = cfg.get("names")
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         raise DataError(f"{path}: 'names' must be a list of class names")
-    extra = {k: v for k, v in cfg.items() if k not in ("train", "val", "names", "format")}
+    extra = {k: v for k, v in cfg.items() if k not in ("train", "val", "names", "format", "video")}
     return DataConfig(path, _split(cfg, "train", root, path), _split(cfg, "val", root, path),
                       names, fmt, extra)

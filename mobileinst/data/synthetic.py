@@ -1,11 +1,23 @@
 """A synthetic COCO-format instance-segmentation set that runs everything offline.
 
-Textured shapes of four classes (circle, square, triangle, ring - the ring has a hole) on a
-textured background, 1-6 per image, drawn back to front so later shapes occlude earlier ones;
-the annotation is the VISIBLE part. Image sides vary (256..448). Colour and texture are drawn
-independently of the class, so the class is the shape. Masks are stored as polygons where the
-visible part is one simple region, otherwise as compressed or uncompressed RLE, so every
-annotation path of the reader is exercised.
+Four classes: circle, square (rotated), triangle (rotated) and ring (an annulus: its hole shows
+what lies beneath). A class is its shape AND a hue family (each instance's colour is drawn around
+its class hue, with random saturation, brightness and texture: stripes, checks or blotchy noise),
+on a textured, low-saturation noisy background. Shape alone was too hard for the demo's budget: a
+from-scratch model reads colour from the decoder's coarse (1/64) tokens within minutes, shape
+takes far longer (README, "The demo"). 1-6 objects per image, each 20%-45% of the short side across,
+drawn back to front: later objects occlude earlier ones and the annotation is the VISIBLE part.
+Placement is re-drawn while an object would hide more than half of an earlier one, so no object
+is nearly hidden (and none is left visible but unannotated). Image sides vary in [256, 448].
+
+Every shape is a polygon (a circle has 48 vertices) rasterised with pycocotools, so a stored
+polygon decodes to exactly the pixels that were painted. Storage: a polygon where the visible part
+is the whole shape and has no hole, otherwise RLE, alternately compressed (string counts) and
+uncompressed (list counts), so every annotation path of the reader is exercised. Images are JPEG
+(quality 95), every fifth one PNG.
+
+Each image is drawn from its own generator, seeded by (seed, split, index): the set is
+deterministic under the seed, and the val split does not change with n_train.
 """
 from __future__ import annotations
 
@@ -18,11 +30,13 @@ import yaml
 from pycocotools import mask as mask_utils
 
 CLASSES = ["circle", "square", "triangle", "ring"]
+MIN_VISIBLE = 0.5  # an earlier object keeps at least this fraction of its area visible
+MIN_PIXELS = 64  # smaller visible parts are not annotated (they do not happen with the defaults)
 
 
-def texture(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    """(h, w, 3) float texture: stripes, checks or blotchy noise around a random colour."""
-    base = rng.uniform(30, 225, 3)
+# -- drawing ---------------------------------------------------------------------------------------
+def texture(h: int, w: int, base: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(h, w, 3) float texture around colour `base`: stripes, checks or blotchy noise."""
     kind = rng.integers(3)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     if kind == 0:  # stripes at a random angle
@@ -30,97 +44,163 @@ def texture(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
         pattern = np.sin((xx * np.cos(a) + yy * np.sin(a)) * 2 * np.pi / period)
     elif kind == 1:  # checks
         s = rng.uniform(6, 16)
-        pattern = np.sign(np.sin(xx * np.pi / s) * np.sin(yy * np.pi / s))
+        pattern = np.sign(np.sin((xx + 0.5) * np.pi / s) * np.sin((yy + 0.5) * np.pi / s))
     else:  # blotches: upsampled noise
         small = rng.normal(size=(max(2, h // 12), max(2, w // 12))).astype(np.float32)
         pattern = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
-    contrast = rng.uniform(15, 45, 3)
+    contrast = rng.uniform(15, 40, 3)
     return base + pattern[..., None] * contrast
 
 
-def shape_mask(cls: int, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    """A (h, w) uint8 mask of one shape, 20%..45% of the short side across."""
-    size = rng.uniform(0.2, 0.45) * min(h, w)
-    cx, cy = rng.uniform(size / 2, w - size / 2), rng.uniform(size / 2, h - size / 2)
-    m = np.zeros((h, w), np.uint8)
-    r = size / 2
-    if cls in (0, 3):  # circle / ring
-        cv2.circle(m, (int(cx), int(cy)), int(r), 1, -1)
-        if cls == 3:
-            cv2.circle(m, (int(cx), int(cy)), int(r * rng.uniform(0.45, 0.65)), 0, -1)
-    else:  # square / triangle, rotated
-        n = 4 if cls == 1 else 3
-        a0 = rng.uniform(0, 2 * np.pi)
-        ang = a0 + np.arange(n) * 2 * np.pi / n
-        pts = np.stack([cx + r * 1.2 * np.cos(ang), cy + r * 1.2 * np.sin(ang)], 1)
-        cv2.fillPoly(m, [pts.round().astype(np.int32)], 1)
-    return m
+def class_colour(cls: int, rng: np.random.Generator) -> np.ndarray:
+    """An RGB base colour in class `cls`'s hue family (hues spread evenly over the circle)."""
+    hue = (cls * 180 / len(CLASSES) + rng.uniform(-10, 10)) % 180  # OpenCV hue: 0..180
+    hsv = np.uint8([[[hue, rng.uniform(150, 255), rng.uniform(130, 240)]]])
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float64)
 
 
-def make_image(h: int, w: int, rng: np.random.Generator, max_objects: int = 6):
-    """One image (h, w, 3) uint8 and its visible instances [(class, mask)]."""
-    img = texture(h, w, rng) * 0.6 + rng.normal(0, 6, (h, w, 3))
-    shapes = []
+def background_colour(rng: np.random.Generator) -> np.ndarray:
+    """A greyish base colour (saturation <= 60), unlike every class colour."""
+    hsv = np.uint8([[[rng.uniform(0, 180), rng.uniform(0, 60), rng.uniform(60, 200)]]])
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float64)
+
+
+def colour_unlike(avoid: np.ndarray, rng: np.random.Generator, min_dist: float = 90) -> np.ndarray:
+    """A random RGB base colour at least `min_dist` away from `avoid` (best of 20 draws)."""
+    best = rng.uniform(30, 225, 3)
+    for _ in range(20):
+        if np.linalg.norm(best - avoid) >= min_dist:
+            break
+        c = rng.uniform(30, 225, 3)
+        best = c if np.linalg.norm(c - avoid) > np.linalg.norm(best - avoid) else best
+    return best
+
+
+def shape_polygons(cls: int, cx: float, cy: float, r: float, angle: float,
+                   hole: float) -> list[np.ndarray]:
+    """Outline(s) of one shape as (K, 2) xy arrays: [outer] or, for the ring, [outer, inner]."""
+    def ngon(n: int, radius: float) -> np.ndarray:
+        a = angle + np.arange(n) * 2 * np.pi / n
+        xy = np.stack([cx + radius * np.cos(a), cy + radius * np.sin(a)], 1)
+        return np.round(xy, 2)  # what is rasterised is exactly what the json stores
+
+    if cls == 0:
+        return [ngon(48, r)]
+    if cls == 1:
+        return [ngon(4, r * 1.2)]
+    if cls == 2:
+        return [ngon(3, r * 1.25)]
+    return [ngon(48, r), ngon(48, r * hole)]
+
+
+def rasterise(polys: list[np.ndarray], h: int, w: int) -> np.ndarray:
+    """pycocotools rasterisation: the first polygon minus the others -> (h, w) bool."""
+    rles = mask_utils.frPyObjects([p.reshape(-1).tolist() for p in polys], h, w)
+    m = mask_utils.decode(rles).astype(bool)  # (h, w, K)
+    return m[..., 0] & ~m[..., 1:].any(-1)
+
+
+def place_shape(cls: int, h: int, w: int, visible: list[np.ndarray], full: list[np.ndarray],
+                rng: np.random.Generator, tries: int = 30) -> tuple[list[np.ndarray], np.ndarray] | None:
+    """A shape fully inside the image that leaves every earlier object >= MIN_VISIBLE visible."""
+    for _ in range(tries):
+        r = rng.uniform(0.2, 0.45) * min(h, w) / 2
+        margin = r * (1.25 if cls == 2 else 1.2 if cls == 1 else 1.0) + 1
+        cx, cy = rng.uniform(margin, w - margin), rng.uniform(margin, h - margin)
+        polys = shape_polygons(cls, cx, cy, r, rng.uniform(0, 2 * np.pi), rng.uniform(0.45, 0.65))
+        m = rasterise(polys, h, w)
+        if all((v & ~m).sum() >= MIN_VISIBLE * f.sum() for v, f in zip(visible, full)):
+            return polys, m
+    return None
+
+
+def make_image(h: int, w: int, rng: np.random.Generator, max_objects: int = 6
+               ) -> tuple[np.ndarray, list[tuple[int, np.ndarray, list[np.ndarray] | None]]]:
+    """One image (h, w, 3) uint8 and its visible instances [(class, mask (h, w) uint8, polygon
+    outline if the visible part is the whole hole-free shape else None)], back to front."""
+    bg = background_colour(rng)
+    img = texture(h, w, bg, rng)
+    classes, visible, full, outlines = [], [], [], []
     for _ in range(int(rng.integers(1, max_objects + 1))):
         cls = int(rng.integers(len(CLASSES)))
-        m = shape_mask(cls, h, w, rng)
-        img[m > 0] = texture(h, w, rng)[m > 0]
-        shapes.append((cls, m))
-    visible = []
-    covered = np.zeros((h, w), bool)
-    for cls, m in reversed(shapes):  # front to back
-        vis = (m > 0) & ~covered
-        covered |= m > 0
-        if vis.sum() >= 0.35 * m.sum() and vis.sum() > 64:
-            visible.append((cls, vis.astype(np.uint8)))
-    return img.clip(0, 255).astype(np.uint8), visible[::-1]
+        placed = place_shape(cls, h, w, visible, full, rng)
+        if placed is None:
+            continue
+        polys, m = placed
+        ys, xs = np.nonzero(m)
+        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        tex = texture(y1 - y0, x1 - x0, class_colour(cls, rng), rng)
+        box = m[y0:y1, x0:x1]
+        img[y0:y1, x0:x1][box] = tex[box]
+        visible = [v & ~m for v in visible] + [m]
+        full.append(m)
+        classes.append(cls)
+        outlines.append(polys)
+    img = img + rng.normal(0, 4, img.shape)  # sensor noise
+    instances = []
+    for cls, v, f, polys in zip(classes, visible, full, outlines):
+        if v.sum() < MIN_PIXELS:
+            continue
+        whole = len(polys) == 1 and v.sum() == f.sum()
+        instances.append((cls, v.astype(np.uint8), polys[0] if whole else None))
+    return img.clip(0, 255).astype(np.uint8), instances
 
 
-def encode(mask: np.ndarray, i: int) -> dict | list:
-    """Polygons where the visible part is one region without holes, else RLE (alternating forms)."""
-    contours, hierarchy = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    simple = len(contours) == 1 and hierarchy is not None and hierarchy[0][0][2] < 0
-    if simple and len(contours[0]) >= 3 and i % 3 != 0:
-        return [contours[0].reshape(-1).astype(float).tolist()]
+# -- annotations -----------------------------------------------------------------------------------
+def uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO uncompressed RLE: column-major run lengths starting with a background run."""
+    flat = mask.flatten(order="F")
+    change = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
+    return {"size": list(mask.shape), "counts": runs if flat[0] == 0 else [0, *runs]}
+
+
+def annotation(ann_id: int, image_id: int, cls: int, mask: np.ndarray,
+               outline: np.ndarray | None) -> dict:
+    """A COCO annotation; area and bbox from the mask (identical to the decoded segmentation)."""
     rle = mask_utils.encode(np.asfortranarray(mask))
-    if i % 2:  # uncompressed RLE: run lengths, column-major
-        flat = mask.flatten(order="F")
-        change = np.flatnonzero(np.diff(flat)) + 1
-        runs = np.diff(np.concatenate([[0], change, [flat.size]]))
-        counts = runs.tolist() if flat[0] == 0 else [0, *runs.tolist()]
-        return {"size": list(mask.shape), "counts": counts}
-    return {"size": rle["size"], "counts": rle["counts"].decode()}
+    if outline is not None:
+        seg = [outline.reshape(-1).tolist()]
+    elif ann_id % 2:
+        seg = uncompressed_rle(mask)
+    else:
+        seg = {"size": list(rle["size"]), "counts": rle["counts"].decode()}
+    return {"id": ann_id, "image_id": image_id, "category_id": cls + 1, "segmentation": seg,
+            "area": float(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+            "iscrowd": 0}
 
 
-def write_split(root: Path, split: str, n: int, rng: np.random.Generator) -> Path:
+def write_split(root: Path, split: str, n: int, seed: int, size_range: tuple[int, int] = (256, 448),
+                max_objects: int = 6) -> Path:
+    """Write root/split/*.jpg|png and root/annotations/instances_{split}.json; return the json."""
     (root / split).mkdir(parents=True, exist_ok=True)
+    split_key = {"train": 0, "val": 1}.get(split, sum(map(ord, split)))
     images, anns = [], []
     for i in range(n):
-        h, w = int(rng.integers(256, 449)), int(rng.integers(256, 449))
-        img, instances = make_image(h, w, rng)
-        name = f"{split}_{i:05d}.png" if i % 2 else f"{split}_{i:05d}.jpg"
+        rng = np.random.default_rng([seed, split_key, i])
+        h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
+        img, instances = make_image(h, w, rng, max_objects)
+        name = f"{split}_{i:05d}.png" if i % 5 == 4 else f"{split}_{i:05d}.jpg"
         params = [cv2.IMWRITE_JPEG_QUALITY, 95] if name.endswith(".jpg") else []
         cv2.imwrite(str(root / split / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), params)
         images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
-        for cls, m in instances:
-            rle = mask_utils.encode(np.asfortranarray(m))
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cls + 1,
-                         "segmentation": encode(m, len(anns)), "area": float(m.sum()),
-                         "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0})
+        for cls, m, outline in instances:
+            anns.append(annotation(len(anns) + 1, i + 1, cls, m, outline))
     cats = [{"id": k + 1, "name": c, "supercategory": "shape"} for k, c in enumerate(CLASSES)]
     path = root / "annotations" / f"instances_{split}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    path.write_text(json.dumps({"info": {"description": f"mobileinst synthetic shapes, seed {seed}"},
+                                "images": images, "annotations": anns, "categories": cats}))
     return path
 
 
-def make_synthetic_coco(out_dir: str | Path, n_train: int = 400, n_val: int = 50,
-                        seed: int = 0) -> Path:
-    """Write train/, val/, annotations/instances_{train,val}.json and data.yaml; return the yaml."""
+def make_synthetic_coco(out_dir: str | Path, n_train: int = 400, n_val: int = 50, seed: int = 0,
+                        size_range: tuple[int, int] = (256, 448), max_objects: int = 6) -> Path:
+    """Write train/, val/, annotations/instances_{train,val}.json and data.yaml (the DATA format);
+    return the yaml's path. Deterministic under `seed`."""
     root = Path(out_dir)
-    rng = np.random.default_rng(seed)
-    write_split(root, "train", n_train, rng)
-    write_split(root, "val", n_val, rng)
+    for split, n in (("train", n_train), ("val", n_val)):
+        write_split(root, split, n, seed, size_range, max_objects)
     data = {"train": {"json": "annotations/instances_train.json", "images": "train"},
             "val": {"json": "annotations/instances_val.json", "images": "val"},
             "names": CLASSES}

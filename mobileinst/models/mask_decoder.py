@@ -11,6 +11,7 @@ depthwise-separable 3x3 convolutions (spec, "Cost, and the width of the mask dec
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -34,6 +35,16 @@ def fusion_conv(dim: int, conv: str) -> nn.Module:
     if conv == "dw":
         return nn.Sequential(ConvBNReLU(dim, dim, 3, groups=dim), ConvBNReLU(dim, dim, 1))
     raise ValueError(f"unknown conv type {conv!r}: expected 'full' or 'dw'")
+
+
+def coordinates(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, 2, H, W): pixel-centre x and y in (-1, 1), from arange on the map size
+    (exports with dynamic shapes)."""
+    b, _, h, w = x.shape
+    ys = (torch.arange(h, device=x.device, dtype=x.dtype) * 2 + 1) / h - 1  # (H,)
+    xs = (torch.arange(w, device=x.device, dtype=x.dtype) * 2 + 1) / w - 1  # (W,)
+    return torch.cat([xs.view(1, 1, 1, -1).expand(b, 1, h, w),
+                      ys.view(1, 1, -1, 1).expand(b, 1, h, w)], 1)
 
 
 def resize_to(x: Tensor, ref: Tensor) -> Tensor:
@@ -63,7 +74,7 @@ class SemanticEnhancedMaskDecoder(nn.Module):
     """Backbone features [X3, X4, X5, X6] -> (mask features M at stride 8, F_mask at stride 8)."""
 
     def __init__(self, in_channels: tuple[int, int, int, int], dim: int = 128, conv: str = "dw",
-                 kernel_dim: int = 128) -> None:
+                 kernel_dim: int = 128, coords: bool = False) -> None:
         super().__init__()
         c3, c4, c5, c6 = in_channels
         self.lateral3 = ConvBNReLU(c3, dim)
@@ -75,7 +86,11 @@ class SemanticEnhancedMaskDecoder(nn.Module):
         # stage 1 (top-down) and stage 2 (bottom-up) fusion convolutions, one per level
         self.top_down = nn.ModuleList(fusion_conv(dim, conv) for _ in range(3))  # p5, p4, p3
         self.bottom_up = nn.ModuleList(fusion_conv(dim, conv) for _ in range(3))  # q3, q4, q5
-        self.mask_proj = nn.Conv2d(dim, kernel_dim, 1)  # M = conv1x1(F_mask), E channels
+        # M = conv1x1(F_mask), E channels; with `coords`, two coordinate channels join F_mask first
+        # (SparseInst's CoordConv, spec training.md §0): kernels can then tell apart instances
+        # that look alike by where they are
+        self.coords = coords
+        self.mask_proj = nn.Conv2d(dim + 2 * coords, kernel_dim, 1)
 
     def forward(self, feats: list[Tensor]) -> tuple[Tensor, Tensor]:
         x3, x4, x5, x6 = feats
@@ -94,4 +109,5 @@ class SemanticEnhancedMaskDecoder(nn.Module):
         out = self.enhance2(q5, g)  # (B, D, H/32, W/32)
         out = resize_to(out, q4) + q4
         f_mask = resize_to(out, q3) + q3  # (B, D, H/8, W/8)
-        return self.mask_proj(f_mask), f_mask  # (B, E, H/8, W/8), (B, D, H/8, W/8)
+        m = torch.cat([f_mask, coordinates(f_mask)], 1) if self.coords else f_mask
+        return self.mask_proj(m), f_mask  # (B, E, H/8, W/8), (B, D, H/8, W/8)

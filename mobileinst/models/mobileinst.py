@@ -32,7 +32,8 @@ class MobileInst(nn.Module):
         self.cfg = cfg
         self.backbone = build_backbone(cfg.backbone)
         self.mask_decoder = SemanticEnhancedMaskDecoder(
-            self.backbone.out_channels, cfg.mask_dim, cfg.fusion_conv, cfg.kernel_dim)
+            self.backbone.out_channels, cfg.mask_dim, cfg.fusion_conv, cfg.kernel_dim,
+            cfg.mask_coords)
         self.instance_decoder = DualTransformerDecoder(
             global_channels=self.backbone.out_channels[3], local_channels=cfg.mask_dim,
             num_classes=cfg.num_classes, num_queries=cfg.num_queries, dim=cfg.hidden_dim,

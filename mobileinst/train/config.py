@@ -6,7 +6,7 @@ iterations, lr x 0.1 at 210/270 and 250/270 of the run, short side 416..640, lon
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ class TrainConfig:
     backbone_weights: str = ""  # official ImageNet checkpoint of the backbone
     device: str = "auto"  # auto | cpu | cuda
     num_queries: int = 100
+    model_overrides: dict = field(default_factory=dict)  # other ModelConfig fields, e.g. {local_pool: 4}
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":

@@ -104,7 +104,7 @@ class Trainer:
         self.save_interval = cfg.save_interval or self.eval_interval
 
         self.model = build_model(cfg.model, num_classes=len(self.class_names),
-                                 num_queries=cfg.num_queries).to(self.device)
+                                 num_queries=cfg.num_queries, **cfg.model_overrides).to(self.device)
         self.model_cfg = self.model.cfg
         if cfg.backbone_weights and ckpt is None:
             from ..models.weights import load_backbone_weights
