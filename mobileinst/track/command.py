@@ -1,0 +1,31 @@
+"""`mobileinst track`: the CLI over `track.run.track_source`."""
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_track(args: argparse.Namespace) -> None:
+    from .run import track_source
+    s = track_source(args.weights, args.source, args.out_dir, reuse=args.reuse, conf=args.conf,
+                     imgsz=args.imgsz, patience=args.patience, video_id=args.video_id,
+                     device=args.device, save_video=not args.no_video)
+    print(f"{s['frames_done']} frames, {s['tracks']} tracks, {s['fps']:.1f} frames/s; "
+          f"{'overlay ' + s['video'] + ', ' if s['video'] else ''}results {s['results']}")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("track", help="video instance segmentation: overlay mp4 + YouTube-VIS json")
+    p.add_argument("--weights", required=True, help="a .pt checkpoint")
+    p.add_argument("--source", required=True, help="a video file, a folder of frames, or a glob")
+    p.add_argument("--out-dir", required=True, help="folder for <name>.mp4, results.json, summary.json")
+    p.add_argument("--reuse", type=int, default=1,
+                   help="key-frame interval K: the instance decoder runs every K-th frame, the "
+                        "frames between reuse its kernels (default 1 = every frame)")
+    p.add_argument("--conf", type=float, default=0.3, help="score that starts a track (default 0.3)")
+    p.add_argument("--patience", type=int, default=10,
+                   help="frames a lost track waits before it ends (default 10)")
+    p.add_argument("--imgsz", type=int, default=None, help="short side (default: the checkpoint's)")
+    p.add_argument("--video-id", type=int, default=1, help="video_id written in results.json")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-video", action="store_true", help="write the json only")
+    p.set_defaults(func=cmd_track)
