@@ -40,7 +40,11 @@ def predict_dataset(model: torch.nn.Module, dataset, batch_size: int = 4, worker
 def evaluate_model(model: torch.nn.Module, dataset, batch_size: int = 4, workers: int = 0,
                    device: torch.device | str = "cpu", results_path: str | None = None
                    ) -> CocoMetrics | None:
-    """Mask AP of `model` on `dataset` (None on workers other than rank 0)."""
+    """Mask AP of `model` on `dataset` (None on workers other than rank 0); YouTube-VIS video
+    mask AP when `dataset` holds videos (`data.ytvis.YtvisClips`: tracked, track/evaluate.py)."""
+    if getattr(dataset, "is_video", False):
+        from ..track.evaluate import evaluate_video_model
+        return evaluate_video_model(model, dataset, device, results_path)
     records = predict_dataset(model, dataset, batch_size, workers, device)
     if not dist.is_main():
         return None
@@ -52,7 +56,8 @@ def evaluate_model(model: torch.nn.Module, dataset, batch_size: int = 4, workers
 
 def validate(weights: str, data: str, out: str | None = None, imgsz: int | None = None,
              batch: int = 4, device: str = "auto", workers: int = 2) -> CocoMetrics:
-    """`mobileinst val`: a checkpoint on a DATA file's val split; writes the results json to `out`."""
+    """`mobileinst val`: a checkpoint on a DATA file's val split; writes the results json to `out`.
+    A video DATA file (`video: true`) gives YouTube-VIS video mask AP (VisMetrics) instead."""
     from ..checkpoint import model_from_checkpoint
     from ..data.coco import CocoInstances
     from ..data.config import load_data_config
@@ -64,7 +69,11 @@ def validate(weights: str, data: str, out: str | None = None, imgsz: int | None 
     model, ckpt = model_from_checkpoint(weights)
     cfg = load_data_config(data)
     imgsz = imgsz or (ckpt.get("train_config") or {}).get("imgsz", 640)
-    dataset = CocoInstances(cfg.val.json, cfg.val.images, EvalTransform(imgsz), cfg.names)
+    if cfg.format == "ytvis":  # video mask AP of the tracked val videos
+        from ..data.ytvis import YtvisClips
+        dataset = YtvisClips(cfg.val.json, cfg.val.images, EvalTransform(imgsz), cfg.names)
+    else:
+        dataset = CocoInstances(cfg.val.json, cfg.val.images, EvalTransform(imgsz), cfg.names)
     if len(dataset.class_names) != model.cfg.num_classes:
         raise DataError(f"{cfg.val.json}: {len(dataset.class_names)} categories, but {weights} "
                         f"was trained for {model.cfg.num_classes}")

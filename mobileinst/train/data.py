@@ -24,6 +24,7 @@ class SkipUnreadable(Dataset):
     def __init__(self, dataset: CocoInstances, max_tries: int = 16) -> None:
         self.dataset, self.max_tries = dataset, max_tries
         self.class_names, self.cat_ids = dataset.class_names, dataset.cat_ids
+        self.is_video = getattr(dataset, "is_video", False)  # YouTube-VIS clips (train/video.py)
         self.skipped: set[int] = set()
 
     def __len__(self) -> int:
@@ -45,6 +46,9 @@ class SkipUnreadable(Dataset):
 
 def build_train_loader(cfg: TrainConfig, rank: int, world: int) -> tuple[DataLoader, SkipUnreadable]:
     data = load_data_config(cfg.data)
+    if data.format == "ytvis":  # clips for temporal query passing
+        from .video import build_video_train_loader
+        return build_video_train_loader(cfg, data, rank, world, SkipUnreadable)
     if data.format != "coco":
         raise DataError(f"{cfg.data}: format {data.format!r} is not supported by image training")
     dataset = SkipUnreadable(CocoInstances(data.train.json, data.train.images,
@@ -61,4 +65,7 @@ def build_train_loader(cfg: TrainConfig, rank: int, world: int) -> tuple[DataLoa
 
 def build_val_set(cfg: TrainConfig) -> CocoInstances:
     data = load_data_config(cfg.data)
+    if data.format == "ytvis":  # evaluated as videos (track/evaluate.py)
+        from .video import build_video_val_set
+        return build_video_val_set(cfg, data)
     return CocoInstances(data.val.json, data.val.images, EvalTransform(cfg.imgsz), data.names)

@@ -111,6 +111,11 @@ class Trainer:
             report = load_backbone_weights(self.model, cfg.backbone_weights)
             self._log(f"backbone weights: {report}")
         self.criterion = MobileInstCriterion(HungarianMatcher(), num_classes=len(self.class_names))
+        self.video = getattr(self.train_set, "is_video", False)
+        net, self.loss_fn = self.model, self.criterion
+        if self.video:  # temporal query passing on clips (train/video.py)
+            from .video import TemporalQueryPassing, VideoCriterion
+            net, self.loss_fn = TemporalQueryPassing(self.model), VideoCriterion(self.criterion)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.lr)
         warmup = min(cfg.warmup_iters, self.total // 4)
         self.scheduler = build_scheduler(self.optimizer, self.total, warmup)
@@ -119,9 +124,9 @@ class Trainer:
         self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema else None
         self.iteration, self.best_ap = 0, -1.0
-        self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index]
+        self.ddp = (DistributedDataParallel(net, device_ids=[self.device.index]
                                             if self.device.type == "cuda" else None)
-                    if dist.is_dist() else self.model)
+                    if dist.is_dist() else net)
         if ckpt is not None:
             self._load_state(ckpt)
         self._meter: dict[str, float] = {}
@@ -235,7 +240,7 @@ class Trainer:
                    for t in targets]
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.cfg.amp):
             outputs = self.ddp(images)
-        losses = self.criterion(outputs, targets)
+        losses = self.loss_fn(outputs, targets)
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise MobileInstError(f"loss became {loss.item()} at iteration {self.iteration}; "

@@ -1,0 +1,162 @@
+"""YouTube-VIS 2019 / 2021 datasets: videos of frames with per-frame instance masks.
+
+Layout: `videos` [{id, width, height, length, file_names}], `annotations` [{id, video_id,
+category_id, segmentations: one polygon / RLE / null per frame, iscrowd}], `categories`. The json
+is checked up front (`evaluate.ytvis_eval.validate_ytvis`: missing keys, unknown ids, wrong number
+of segmentations) and every problem names the file (DataError). null, empty and degenerate
+segmentations mean "not in this frame"; crowd annotations are not targets. Category ids map to
+contiguous labels 0..C-1 in sorted-id order (`cat_ids` maps back), as `coco.CocoInstances`.
+
+Training item `ds[(i, seed)]` (index i = an anchor frame (video, t) over all frames of all videos):
+a CLIP of two frames t and t + d, d drawn uniformly from 1..max_gap (towards the start of the video
+when t + d would pass its end; d = 0 for one-frame videos), both augmented with the SAME draw
+(same scale, crop and flip), for temporal query passing (/shared/spec/mobileinst.md, "Video"):
+
+    clip   : torch.uint8 (2, 3, H, W)  frames t and t + d
+    targets: [target_t, target_t+d], each as CocoInstances' target plus "video_id", "frame",
+             "track_ids" (the annotation id of each instance)
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from ..evaluate.ytvis_eval import validate_ytvis, video_name
+from .coco import Transform, decode_segmentation, is_degenerate, read_json, read_rgb, rle_size
+from .loader import collate
+from .transforms import nonempty
+
+log = logging.getLogger("mobileinst.data")
+
+
+class YtvisClips(Dataset):
+    """A YouTube-VIS json + its JPEGImages folder (see the module docstring).
+
+    Attributes: `class_names`, `cat_ids`, `label_of`, `videos` (the json's entries), `anns`
+    (video id -> its non-crowd annotations), `frames` [(video index, t)], `is_video` = True."""
+
+    is_video = True
+
+    def __init__(self, json_path: str | Path, image_dir: str | Path,
+                 transform: Transform | None = None, class_names: list[str] | None = None,
+                 max_gap: int = 5) -> None:
+        self.json_path, self.image_dir = Path(json_path), Path(image_dir)
+        self.transform, self.max_gap = transform, max_gap
+        data = validate_ytvis(read_json(self.json_path), str(self.json_path))
+        if not data["categories"]:
+            raise DataError(f"{self.json_path}: no categories")
+        if not all(isinstance(c["id"], int) for c in data["categories"]):
+            raise DataError(f"{self.json_path}: category ids must be integers")
+        cats = sorted(data["categories"], key=lambda c: c["id"])
+        self.cat_ids = [c["id"] for c in cats]
+        self.class_names = list(class_names) if class_names else [str(c.get("name", c["id"])) for c in cats]
+        if len(self.class_names) != len(self.cat_ids):
+            raise DataError(f"{self.json_path}: {len(self.cat_ids)} categories but "
+                            f"{len(self.class_names)} names given")
+        self.label_of = {cid: i for i, cid in enumerate(self.cat_ids)}
+        self.videos: list[dict] = data["videos"]
+        for v in self.videos:
+            if not isinstance(v.get("file_names"), list):
+                raise DataError(f"{self.json_path}: {video_name(v)} has no 'file_names' list")
+        self.anns = self._index(data.get("annotations") or [])
+        self.frames = [(i, t) for i, v in enumerate(self.videos) for t in range(int(v["length"]))]
+
+    def _index(self, anns: list[dict]) -> dict:
+        sizes = {v["id"]: (int(v["height"]), int(v["width"])) for v in self.videos}
+        by_video: dict = {v["id"]: [] for v in self.videos}
+        degenerate = 0
+        for a in anns:
+            if a.get("iscrowd", 0):
+                continue
+            for t, seg in enumerate(a["segmentations"]):
+                if is_degenerate(seg):  # null / [] / {} = absent; anything else is counted
+                    degenerate += bool(seg)
+                    continue
+                size = rle_size(seg)
+                if size is not None and size != sizes[a["video_id"]]:
+                    raise DataError(f"{self.json_path}: annotation {a['id']} frame {t} is an RLE of "
+                                    f"size {list(size)} but video {a['video_id']} is "
+                                    f"{list(sizes[a['video_id']])}")
+            by_video[a["video_id"]].append(a)
+        if degenerate:
+            log.warning("%s: %d degenerate frame segmentation(s) treated as absent",
+                        self.json_path.name, degenerate)
+        return by_video
+
+    # -- frames ------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def frame_path(self, video_index: int, t: int) -> Path:
+        return self.image_dir / self.videos[video_index]["file_names"][t]
+
+    def load_frame(self, video_index: int, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Untransformed frame (H, W, 3) RGB uint8, labels (M,), masks (M, H, W) uint8, track ids (M,)
+        of the instances present in frame t (null / degenerate / empty segmentations left out)."""
+        video = self.videos[video_index]
+        h, w = int(video["height"]), int(video["width"])
+        path = self.frame_path(video_index, t)
+        image = read_rgb(path)
+        if image.shape[:2] != (h, w):
+            raise DataError(f"{path}: frame is {image.shape[1]}x{image.shape[0]} (w x h) but "
+                            f"{self.json_path.name} says {w}x{h} for {video_name(video)}")
+        anns = [a for a in self.anns[video["id"]] if not is_degenerate(a["segmentations"][t])]
+        masks = (np.stack([decode_segmentation(a["segmentations"][t], h, w) for a in anns]) if anns
+                 else np.zeros((0, h, w), np.uint8))
+        labels = np.array([self.label_of[a["category_id"]] for a in anns], np.int64)
+        ids = np.array([a["id"] for a in anns], np.int64)
+        keep = nonempty(masks)
+        return image, labels[keep], masks[keep], ids[keep]
+
+    def frame_item(self, video_index: int, t: int, aug_seed: int | None) -> tuple[torch.Tensor, dict]:
+        """One frame, transformed with np.random.default_rng(aug_seed) -> (uint8 (3, H, W), target)."""
+        image, labels, masks, ids = self.load_frame(video_index, t)
+        orig = image.shape[:2]
+        if self.transform is not None:
+            image, masks, keep = self.transform(image, masks, np.random.default_rng(aug_seed))
+            labels, ids = labels[keep], ids[keep]
+        video = self.videos[video_index]
+        target = {"labels": torch.from_numpy(labels), "masks": torch.from_numpy(masks),
+                  "track_ids": torch.from_numpy(ids), "video_id": video["id"], "frame": t,
+                  "image_id": video["id"] * 100000 + t, "orig_size": tuple(orig),
+                  "size": tuple(image.shape[:2])}
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous(), target
+
+    # -- clips -------------------------------------------------------------------------------------
+    def pair(self, index: int, rng: np.random.Generator) -> tuple[int, int, int]:
+        """(video index, t, t + d) of anchor `index`; see the module docstring for d."""
+        v, t = self.frames[index]
+        length = int(self.videos[v]["length"])
+        d = int(rng.integers(1, self.max_gap + 1)) if length > 1 else 0
+        t2 = t + d if t + d < length else max(0, t - d)
+        return v, t, t2
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, list[dict]]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        rng = np.random.default_rng(seed)
+        v, t, t2 = self.pair(index, rng)
+        aug = int(rng.integers(0, 2**62))  # one draw for both frames: the same augmentation
+        (a, ta), (b, tb) = self.frame_item(v, t, aug), self.frame_item(v, t2, aug)
+        if a.shape != b.shape:
+            raise DataError(f"{self.json_path}: frames {t} and {t2} of {video_name(self.videos[v])} "
+                            f"have different sizes {tuple(a.shape[1:])} and {tuple(b.shape[1:])}")
+        return torch.stack([a, b]), [ta, tb]
+
+    def __repr__(self) -> str:
+        n = sum(map(len, self.anns.values()))
+        return (f"YtvisClips({self.json_path}, {len(self.videos)} videos, {len(self.frames)} frames, "
+                f"{n} tracks, {len(self.cat_ids)} classes, transform={self.transform!r})")
+
+
+def collate_clips(batch: list[tuple[torch.Tensor, list[dict]]]) -> tuple[torch.Tensor, list[dict]]:
+    """[(clip (2, 3, H, W), [target_t, target_t+d])] -> images (2B, 3, Hp, Wp) float, targets (2B):
+    the B frames t first, then the B frames t + d (padded together, as `loader.collate`)."""
+    frames = [(clip[0], tg[0]) for clip, tg in batch] + [(clip[1], tg[1]) for clip, tg in batch]
+    return collate(frames)
