@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 
 from .errors import MobileInstError
+from .export.command import add_backend_option
+from .export.command import add_parser as add_export_parser
+from .track.command import add_parser as add_track_parser
 
 
 # -- model inspection ------------------------------------------------------------------------
@@ -106,7 +109,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .predict import predict_source
     summary = predict_source(args.weights, args.source, args.out_dir, conf=args.conf,
                              imgsz=args.imgsz, device=args.device, backend=args.backend,
-                             save_overlays=not args.no_overlays)
+                             save_overlays=not args.no_overlays, threads=args.threads)
     print(f"{summary['images']} images, {summary['instances']} instances "
           f"({summary['skipped']} unreadable skipped); overlays and predictions.json in "
           f"{summary['out_dir']}")
@@ -185,16 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conf", type=float, default=0.3, help="minimum score to keep (default 0.3)")
     p.add_argument("--imgsz", type=int, default=None, help="default: the checkpoint's training size")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
+    add_backend_option(p)
     p.add_argument("--no-overlays", action="store_true", help="write the json only")
     p.set_defaults(func=cmd_predict)
 
-    for module in ("track", "export"):
-        try:
-            mod = __import__(f"mobileinst.{module}.command", fromlist=["add_parser"])
-        except ImportError:
-            continue
-        mod.add_parser(sub)
+    add_track_parser(sub)
+    add_export_parser(sub)
 
     p = sub.add_parser("demo", help="offline demo: synthetic data -> train -> val -> predict")
     p.add_argument("--out", default="runs/demo")

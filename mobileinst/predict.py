@@ -177,19 +177,20 @@ def result_records(result: Result, image_id: int, file_name: str, cat_ids: list[
 
 def predict_source(weights: str | Path, source: str | Path, out_dir: str | Path | None = None,
                    conf: float = 0.3, imgsz: int | None = None, device: str = "cpu",
-                   backend: str = "torch", save_overlays: bool = True) -> dict:
-    """`mobileinst predict`: overlays/<name>.jpg and predictions.json for every image of source."""
+                   backend: str = "torch", save_overlays: bool = True,
+                   threads: int | None = None) -> dict:
+    """`mobileinst predict`: overlays/<name>.jpg and predictions.json for every image of source.
+
+    backend "onnxruntime" takes an .onnx from `mobileinst export`, or a .pt that is exported once
+    to a cached .onnx beside it (same results as "torch")."""
     from tqdm import tqdm
+    from .export.command import load_predictor
     from .utils import write_json
     from .viz import color, draw_instances, save_rgb
 
     files = list_sources(source)  # fail on a bad source before loading anything
-    kwargs = {"conf": conf, **({"imgsz": imgsz} if imgsz else {})}
-    if backend == "onnxruntime":
-        from .export.runtime import OnnxPredictor
-        predictor = OnnxPredictor(weights, **kwargs)
-    else:
-        predictor = Predictor.from_checkpoint(weights, device=device, **kwargs)
+    predictor = load_predictor(weights, backend=backend, imgsz=imgsz, conf=conf, device=device,
+                               threads=threads)
     cat_ids = getattr(predictor.model, "cat_ids", None) if hasattr(predictor, "model") else None
     cat_ids = cat_ids or getattr(predictor, "cat_ids", None) or list(range(1, len(predictor.class_names) + 1))
     out = Path(out_dir) if out_dir else next_dir("runs/predict")

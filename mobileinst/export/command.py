@@ -1,0 +1,215 @@
+"""`mobileinst export`, and the `--backend` option of `mobileinst predict`.
+
+    mobileinst export --weights best.pt --out best.onnx                   # 640x640, uint8 in
+    mobileinst export --weights best.pt --dynamic --postprocess --max-det 20
+    mobileinst export --model mobileinst-topformer-t --imgsz 512 512       # random weights
+    mobileinst export --weights best.pt --int8 --calib data.yaml --calib-n 64
+    mobileinst export --weights best.pt --format ncnn                     # needs mobileinst[ncnn]
+
+    mobileinst predict --weights best.onnx --backend onnxruntime --source img.jpg
+    mobileinst predict --weights best.pt --backend onnxruntime ...  # exports once, cached as
+                                                                    # best.cache.onnx beside it
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import MobileInstError
+
+log = logging.getLogger("mobileinst.export")
+FORMATS = ("onnx", "ncnn", "executorch", "litert", "coreml")
+BACKENDS = ("torch", "onnxruntime")
+
+
+# -- mobileinst export -------------------------------------------------------------------------
+def add_parser(subparsers) -> None:
+    """Register the `export` verb on the CLI's subparsers."""
+    p = subparsers.add_parser("export", help="export to ONNX (optionally int8) or a mobile format",
+                              description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", help="a mobileinst .pt checkpoint")
+    src.add_argument("--model", help="a variant name with random weights (for benchmarking)")
+    p.add_argument("--num-classes", type=int, default=80, help="classes of --model (default 80)")
+    p.add_argument("--format", choices=FORMATS, default="onnx")
+    p.add_argument("--out", help="file to write (default: beside --weights, or ./MODEL.onnx)")
+    p.add_argument("--imgsz", type=int, nargs="+", default=None,
+                   help="S or H W: the fixed input size (default 640 640); with --dynamic, the "
+                        "default short side stored for predictors")
+    p.add_argument("--dynamic", action="store_true",
+                   help="any batch and any H, W multiple of 32 (ONNX only)")
+    p.add_argument("--batch", type=int, default=1, help="fixed batch size (default 1)")
+    p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=True,
+                   help="onnxslim the graph (default on)")
+    p.add_argument("--postprocess", action="store_true",
+                   help="scores, top-k, mask upsampling and thresholding inside the graph")
+    p.add_argument("--max-det", type=int, default=None,
+                   help="instances a --postprocess graph returns (default 100; each costs "
+                        "~1 ms at 640x640 on one CPU thread)")
+    p.add_argument("--input-dtype", choices=("uint8", "float32"), default="uint8",
+                   help="dtype of the RGB 0..255 input (default uint8)")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--int8", action="store_true",
+                   help="also write an int8 (static QDQ) copy, OUT-int8.onnx")
+    p.add_argument("--calib", help="calibration images for --int8: a folder, a glob or a DATA yaml "
+                                   "(its val images)")
+    p.add_argument("--calib-n", type=int, default=64, help="calibration images to use (default 64)")
+    p.set_defaults(func=run)
+
+
+def load_model(args: argparse.Namespace):
+    """(model, class names, default imgsz, extra metadata) from --weights or --model."""
+    if args.weights:
+        from ..checkpoint import model_from_checkpoint
+        model, ckpt = model_from_checkpoint(args.weights)
+        imgsz = (ckpt.get("train_config") or {}).get("imgsz", 640)
+        meta = {"source": Path(args.weights).name, "source_sha256": file_sha256(args.weights)}
+        return model, model.class_names, imgsz, meta
+    from ..registry import build_model, get_config
+    get_config(args.model)  # a clear error for an unknown name
+    log.warning("exporting %s with random weights (no --weights given)", args.model)
+    model = build_model(args.model, num_classes=args.num_classes).eval()
+    return model, None, 640, {"source": "random init"}
+
+
+def default_out(args: argparse.Namespace) -> Path:
+    suffix = {"onnx": ".onnx", "ncnn": "_ncnn", "executorch": ".pte", "litert": ".tflite",
+              "coreml": ".mlpackage"}[args.format]
+    if args.weights:
+        w = Path(args.weights)
+        return w.with_name(w.stem + suffix)
+    return Path(args.model + suffix)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run `mobileinst export`."""
+    from .onnx import export_onnx, parse_imgsz
+    if args.int8 and not args.calib:
+        raise MobileInstError("--int8 needs --calib: a folder of real images or a DATA yaml")
+    if args.int8 and args.format != "onnx":
+        raise MobileInstError("--int8 is for --format onnx")
+    model, names, train_imgsz, meta = load_model(args)
+    hw = parse_imgsz(args.imgsz)
+    out = Path(args.out) if args.out else default_out(args)
+    t0 = time.perf_counter()
+    if args.format != "onnx":
+        from .formats import export_format
+        if args.dynamic or args.postprocess:
+            raise MobileInstError(f"--dynamic and --postprocess are for --format onnx "
+                                  f"({args.format} graphs are fixed-size, raw outputs)")
+        path = export_format(args.format, model, out, hw or (640, 640))
+        print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
+        return
+    if args.dynamic and hw is None:
+        hw = (train_imgsz, train_imgsz)
+    path = export_onnx(model, out, imgsz=hw, dynamic=args.dynamic, simplify=args.simplify,
+                       postprocess=args.postprocess, input_dtype=args.input_dtype,
+                       opset=args.opset, class_names=names, max_det=args.max_det,
+                       batch=args.batch, metadata=meta)
+    print(f"wrote {path} ({time.perf_counter() - t0:.0f} s): {describe(path)}")
+    if args.int8:
+        from .quantize import quantize_int8
+        q = quantize_int8(path, path.with_name(path.stem + "-int8.onnx"), args.calib, n=args.calib_n)
+        print(f"wrote {q} (int8, calibrated on up to {args.calib_n} images of {args.calib})")
+
+
+def describe(path: str | Path) -> str:
+    """One line: input and outputs of a graph from its metadata."""
+    import json
+
+    from .onnx import read_metadata
+    meta = read_metadata(path)
+    size = "HxW multiple of 32" if meta["dynamic"] == "true" else "x".join(map(str, json.loads(meta["input_size"])))
+    outs = ", ".join(json.loads(meta["outputs"]))
+    return f"input images (B={meta['batch']}, 3, {size}) {meta['input_dtype']} RGB 0..255; outputs {outs}"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- predict --backend ---------------------------------------------------------------------------
+def add_backend_option(parser: argparse.ArgumentParser) -> None:
+    """--backend {torch,onnxruntime} and --threads, for verbs that run a network."""
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="torch (a .pt) or onnxruntime (an .onnx from `mobileinst export`, or a "
+                             ".pt exported once to a cached .onnx beside it); default torch")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for the network (default: torch's / 1 for onnxruntime)")
+
+
+def make_predictor(args: argparse.Namespace):
+    """A Predictor (torch) or OnnxPredictor from parsed --weights/--backend/--imgsz/--conf/
+    --device/--threads options (missing ones take their defaults)."""
+    return load_predictor(args.weights, backend=getattr(args, "backend", "torch"),
+                          imgsz=getattr(args, "imgsz", None), conf=getattr(args, "conf", 0.3),
+                          device=getattr(args, "device", "cpu"), threads=getattr(args, "threads", None))
+
+
+def load_predictor(weights: str | Path, backend: str = "torch", imgsz: int | None = None,
+                   conf: float = 0.3, device: str = "cpu", threads: int | None = None):
+    """A predictor for `weights`: a .pt checkpoint (torch or onnxruntime backend) or an .onnx
+    file (onnxruntime). For onnxruntime, a .pt is exported once to a dynamic float32 graph with
+    raw outputs (so results equal the torch backend's), cached beside it as NAME.cache.onnx and
+    re-exported when the checkpoint changes."""
+    weights = Path(weights)
+    if backend not in BACKENDS:
+        raise MobileInstError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    is_onnx = weights.suffix.lower() == ".onnx"
+    if backend == "torch":
+        if is_onnx:
+            raise MobileInstError(f"{weights}: an ONNX file needs --backend onnxruntime")
+        import torch
+
+        from ..predict import Predictor
+        if threads:
+            torch.set_num_threads(threads)
+        kwargs: dict[str, Any] = {"conf": conf, "device": "cpu" if device == "auto" else device}
+        if imgsz:
+            kwargs["imgsz"] = imgsz
+        return Predictor.from_checkpoint(weights, **kwargs)
+    if device not in ("cpu", "auto", None):
+        log.warning("the onnxruntime backend runs on the CPU (ignoring --device %s)", device)
+    from .runtime import OnnxPredictor
+    path = weights if is_onnx else cached_onnx(weights)
+    return OnnxPredictor(path, imgsz=imgsz, conf=conf, threads=threads or 1)
+
+
+def cached_onnx(weights: str | Path) -> Path:
+    """The cached ONNX export of a checkpoint (dynamic, float32 input, raw outputs): reused when
+    its recorded sha256 matches the checkpoint, else (re-)exported (~20 s)."""
+    from ..checkpoint import model_from_checkpoint
+    from .onnx import export_onnx, read_metadata
+    weights = Path(weights)
+    if not weights.is_file():
+        from ..errors import CheckpointError
+        raise CheckpointError(f"{weights}: no such checkpoint file")
+    sha = file_sha256(weights)
+    cache = weights.with_name(weights.stem + ".cache.onnx")
+    if cache.is_file():
+        try:
+            if read_metadata(cache).get("source_sha256") == sha:
+                return cache
+        except Exception:  # noqa: BLE001 - a broken cache file is simply rebuilt
+            pass
+    model, ckpt = model_from_checkpoint(weights)
+    imgsz = (ckpt.get("train_config") or {}).get("imgsz", 640)
+    log.warning("exporting %s to ONNX once for onnxruntime (cached in %s)", weights, cache)
+    meta = {"source": weights.name, "source_sha256": sha}
+    try:
+        return export_onnx(model, cache, imgsz=(imgsz, imgsz), dynamic=True, input_dtype="float32",
+                           class_names=model.class_names, metadata=meta)
+    except PermissionError:  # read-only folder: a per-user cache
+        cache = Path.home() / ".cache" / "mobileinst" / f"{sha[:16]}.onnx"
+        if cache.is_file() and read_metadata(cache).get("source_sha256") == sha:
+            return cache
+        return export_onnx(model, cache, imgsz=(imgsz, imgsz), dynamic=True, input_dtype="float32",
+                           class_names=model.class_names, metadata=meta)

@@ -1,0 +1,146 @@
+"""Static int8 quantization of an exported graph with onnxruntime (QDQ, per-channel weights).
+
+    quantize_int8("m.onnx", "m-int8.onnx", "datasets/coco/val2017", n=64)
+
+Calibration runs the float graph on `n` real images prepared exactly as `OnnxPredictor` prepares
+them for inference (same resize, padding and dtype), and records every activation's range
+(MinMax). Every network operator onnxruntime can quantize is quantized (U8 activations, S8
+per-channel weights: onnxruntime's fast x86 path); the post-processing nodes of a `--postprocess` graph (named `postprocess/...`)
+stay in float, so scores, rescoring and mask thresholds are computed exactly as in the float graph.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from ..errors import DataError, MobileInstError
+from .onnx import POSTPROCESS_PREFIX, read_metadata, save_atomic, set_metadata
+
+log = logging.getLogger("mobileinst.export")
+
+
+def calibration_images(source: str | Path | Iterable[np.ndarray], n: int = 64) -> list[np.ndarray]:
+    """RGB uint8 images for calibration: a list of arrays, or a folder / glob / image file, or a
+    DATA yaml (its val images). At most `n`, spread evenly over the sorted list."""
+    from ..predict import list_sources, read_image
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.suffix.lower() in (".yaml", ".yml"):
+            from ..data.config import load_data_config
+            path = load_data_config(path).val.images
+        files = list_sources(path)
+        picks = np.linspace(0, len(files) - 1, min(n, len(files))).round().astype(int)
+        images = [read_image(files[i]) for i in sorted(set(picks.tolist()))]
+    else:
+        images = list(source)
+        picks = np.linspace(0, len(images) - 1, min(n, len(images))).round().astype(int)
+        images = [images[i] for i in sorted(set(picks.tolist()))]
+    if not images:
+        raise DataError(f"no calibration images in {source}")
+    return images
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over prepared batches."""
+
+    def __init__(self, name: str, batches: list[np.ndarray]) -> None:
+        self.name, self.batches = name, iter(batches)
+
+    def get_next(self):
+        batch = next(self.batches, None)
+        return None if batch is None else {self.name: batch}
+
+    def rewind(self) -> None:  # noqa: D401 - part of the reader protocol in newer versions
+        pass
+
+
+def quantize_int8(onnx_in: str | Path, onnx_out: str | Path,
+                  calibration: str | Path | Iterable[np.ndarray], n: int = 64,
+                  per_channel: bool = True, op_types: tuple[str, ...] | None = None,
+                  activations: str = "uint8") -> Path:
+    """Quantize a float graph made by `export_onnx` to int8 (QDQ) and write it to `onnx_out`.
+
+    calibration: images (RGB uint8 arrays), an image folder or glob, or a DATA yaml; `n` of
+    them are used. The output keeps the input's metadata, plus `quantization`.
+    op_types: the operator types to quantize (default: every type onnxruntime can; keeping the
+      chain in int8 avoids Quantize/Dequantize pairs between float ops).
+    activations: "uint8" (U8S8: the fast path of onnxruntime's x86 kernels; 29 -> 21 ms for
+      TopFormer-T at 640 on an AVX512-VNNI CPU) or "int8" (S8S8: 47 ms on the same CPU).
+    """
+    try:
+        from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
+                                              quantize_static)
+    except ImportError:
+        raise MobileInstError("onnxruntime is not installed: pip install 'mobileinst[export]'") from None
+    import onnx
+
+    from .runtime import OnnxPredictor
+    onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
+    if activations not in ("uint8", "int8"):
+        raise MobileInstError(f"activations must be 'uint8' or 'int8', got {activations!r}")
+    act_type = QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8
+    predictor = OnnxPredictor(onnx_in)  # checks the file is one of ours
+    if "quantization" in predictor.meta:
+        raise MobileInstError(f"{onnx_in}: already quantized ({predictor.meta['quantization']})")
+    images = calibration_images(calibration, n)
+    step = predictor.batch or 1
+    batches = []
+    for s in range(0, len(images), step):
+        chunk = images[s:s + step]
+        chunk += [chunk[-1]] * (step - len(chunk))
+        batches.append(predictor.prepare(chunk)[0])
+    meta = read_metadata(onnx_in)
+    proto = onnx.load(str(onnx_in))
+    exclude = [node.name for node in proto.graph.node if node.name.startswith(POSTPROCESS_PREFIX)]
+    onnx_in, onnx_out = Path(onnx_in).resolve(), Path(onnx_out).resolve()
+    with tempfile.TemporaryDirectory() as tmp, working_dir(tmp):  # ORT leaves temp files in cwd
+        model_in = _preprocess(onnx_in, Path(tmp) / "pre.onnx")
+        out_tmp = Path(tmp) / "int8.onnx"
+        quantize_static(
+            str(model_in), str(out_tmp), _Reader(predictor.input.name, batches),
+            quant_format=QuantFormat.QDQ, activation_type=act_type,
+            weight_type=QuantType.QInt8, per_channel=per_channel,
+            calibrate_method=CalibrationMethod.MinMax,
+            op_types_to_quantize=list(op_types) if op_types else None,
+            nodes_to_exclude=exclude,
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+        proto = onnx.load(str(out_tmp))
+    meta["quantization"] = (f"int8 static QDQ ({'U8S8' if activations == 'uint8' else 'S8S8'}, "
+                            f"{'per-channel' if per_channel else 'per-tensor'} weights, MinMax) of "
+                            f"{'/'.join(op_types) if op_types else 'all supported operators'}, calibrated on "
+                            f"{len(images)} images; post-processing kept in float")
+    set_metadata(proto, meta)
+    save_atomic(proto, onnx_out)
+    return onnx_out
+
+
+@contextlib.contextmanager
+def working_dir(path: str | Path):
+    """chdir into `path` for the block (onnxruntime's quantization tools write scratch files such
+    as sym_shape_infer_temp.onnx into the current directory)."""
+    cwd = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+
+
+def _preprocess(src: Path, dst: Path) -> Path:
+    """onnxruntime's recommended pre-quantization pass (shape inference, graph optimisation);
+    the original file when it fails (e.g. on symbolic shapes it cannot infer)."""
+    try:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+        return dst
+    except Exception as e:  # noqa: BLE001 - optional step
+        log.info("quant_pre_process skipped (%s)", e)
+        shutil.copy(src, dst)
+        return dst
