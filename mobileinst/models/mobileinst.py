@@ -73,6 +73,24 @@ class MobileInst(nn.Module):
             return raw
         return self.postprocess(raw, tuple(images.shape[-2:]), image_sizes, orig_sizes)
 
+    # -- the Python API ----------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str, use_ema: bool = True) -> "MobileInst":
+        """A trained model from a checkpoint (`last.pt`/`best.pt`), in eval mode, with its class
+        names, category ids and training size (the default size of `predict`)."""
+        from ..checkpoint import model_from_checkpoint
+        model, ckpt = model_from_checkpoint(path, use_ema=use_ema)
+        model.train_imgsz = int((ckpt.get("train_config") or {}).get("imgsz", 640))
+        return model
+
+    def predict(self, image, conf: float = 0.3, imgsz: int | None = None):
+        """RGB uint8 image(s) (H, W, 3) -> `mobileinst.predict.Result`(s): labels, scores, names
+        and full-resolution boolean masks of the instances scoring above `conf`."""
+        from ..predict import Predictor
+        predictor = Predictor(self, imgsz=imgsz or getattr(self, "train_imgsz", 640), conf=conf,
+                              device=self.pixel_mean.device)
+        return predictor(image)
+
     # -- inference ---------------------------------------------------------------------------
     def postprocess(self, raw: dict[str, Tensor], padded_size: tuple[int, int],
                     image_sizes: list[tuple[int, int]] | None = None,
