@@ -77,7 +77,8 @@ class IouLinker:
             if t is None:
                 if scores[i] < self.cfg.start_score:
                     continue
-                t = {"id": self.next_id, "sum": np.zeros(probs.shape[1]), "score": np.zeros(probs.shape[1]), "n": 0}
+                c = probs.shape[1]
+                t = {"id": self.next_id, "sum": np.zeros(c), "score": np.zeros(c), "n": 0}
                 self.next_id += 1
                 self.tracks.append(t)
             t.update(rle=rle, last=frame, n=t["n"] + 1)

@@ -236,3 +236,25 @@ def test_results_pad_frames_without_pixels():
     (rec,) = r.records()
     assert rec["category_id"] == 20 and rec["video_id"] == 3
     assert [s is None for s in rec["segmentations"]] == [True, False, True]
+
+
+def test_benchmark_id_switch_count():
+    """benchmarks/track_eval.py's metric: a GT track whose matched predicted id changes."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "track_eval", Path(__file__).resolve().parents[1] / "benchmarks" / "track_eval.py")
+    te = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(te)
+    from mobileinst.evaluate.coco_eval import encode_mask
+    box = np.zeros((8, 8), bool)
+    box[2:6, 2:6] = True
+    other = np.zeros((8, 8), bool)
+    other[0:2, 0:2] = True
+    m, o = encode_mask(box), encode_mask(other)
+    gt = {"videos": [{"id": 1, "height": 8, "width": 8, "length": 4}],
+          "annotations": [{"id": 1, "video_id": 1, "segmentations": [m, m, None, m]}]}
+    recs = [{"video_id": 1, "segmentations": [m, None, None, o]},  # frames 0; 3 does not overlap
+            {"video_id": 1, "segmentations": [None, m, None, m]}]  # takes over at frame 1
+    assert te.id_switches(gt, recs) == (1, 3, 3)  # 0 -> 1 at frame 1, then 1 stays; 3 tracked
+    recs[1]["segmentations"][1] = None
+    assert te.id_switches(gt, recs) == (1, 2, 3)  # frame 1 unmatched: 0 at frame 0, 1 at frame 3

@@ -4,6 +4,7 @@
     val:   {json: annotations/instances_val.json, images: val}
     names: [circle, square, ...]   # optional: taken from the json's categories otherwise
     format: coco                   # or ytvis (YouTube-VIS videos); `video: true` means ytvis
+    max_gap: 5                     # ytvis training: the largest frame gap d of a clip (t, t + d)
 
 Paths are relative to the YAML's folder (absolute ones are kept); `load_data_config` returns them
 absolute. Other keys are kept in `DataConfig.extra`.
