@@ -91,6 +91,14 @@ def assert_same_instances(ref: dict, got: dict, score_tol: float = 1e-4, min_iou
     return checked
 
 
+def save_model_checkpoint(model, path, imgsz: int):
+    """A checkpoint as training writes it (80 classes, category ids 1..80)."""
+    save_checkpoint({"model": model.state_dict(), "model_config": model.cfg.to_dict(),
+                     "class_names": CLASSES, "cat_ids": list(range(1, 81)),
+                     "train_config": {"imgsz": imgsz}}, path)
+    return path
+
+
 def torch_raw(model, images: np.ndarray) -> dict[str, np.ndarray]:
     x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).float()
     with torch.no_grad():
@@ -393,10 +401,7 @@ def test_every_variant_parity(name, tmp_path):
 def test_cli_export_and_int8(tmp_path):
     from mobileinst.export.command import run
     model = make_realistic(build_model("mobileinst-topformer-t"), voc_image())
-    ckpt = tmp_path / "best.pt"
-    save_checkpoint({"model": model.state_dict(), "model_config": model.cfg.to_dict(),
-                     "class_names": CLASSES, "cat_ids": list(range(1, 81)),
-                     "train_config": {"imgsz": 320}}, ckpt)
+    ckpt = save_model_checkpoint(model, tmp_path / "best.pt", imgsz=320)
     calib = tmp_path / "calib"
     calib.mkdir()
     for i, img in enumerate(example_images(2, 240, 320, seed=3)):
@@ -472,10 +477,7 @@ def test_cli_predict_onnxruntime_backend_equals_torch(tmp_path):
     from mobileinst.cli import main
     torch.manual_seed(0)
     model = make_realistic(build_model("mobileinst-topformer-t", num_classes=80), voc_image())
-    ckpt = tmp_path / "best.pt"
-    save_checkpoint({"model": model.state_dict(), "model_config": model.cfg.to_dict(),
-                     "class_names": CLASSES, "cat_ids": list(range(1, 81)),
-                     "train_config": {"imgsz": 256}}, ckpt)
+    ckpt = save_model_checkpoint(model, tmp_path / "best.pt", imgsz=256)
     src = tmp_path / "images"
     src.mkdir()
     cv2.imwrite(str(src / "voc.jpg"), voc_image()[..., ::-1])
