@@ -335,6 +335,24 @@ def test_int8_quantization(mobilenet_fixed, tmp_path):
     assert isinstance(i8(voc_image()).scores, np.ndarray)
 
 
+def test_int8_dynamic_graph_runs_at_other_sizes(topformer_dyn, tmp_path):
+    """Calibrated at one size, a dynamic int8 graph runs at others (shape-derived position
+    encodings stay float) and keeps the float graph's outputs roughly."""
+    from mobileinst.export.quantize import shape_derived_nodes
+    proto = onnx.load(topformer_dyn)
+    derived = set(shape_derived_nodes(proto, "images"))
+    assert derived and not any(n.op_type == "Conv" for n in proto.graph.node if n.name in derived)
+    images = list(example_images(2, 256, 320, seed=5))
+    q = quantize_int8(topformer_dyn, tmp_path / "dyn-int8.onnx", images, n=2)
+    f, i8 = OnnxPredictor(topformer_dyn), OnnxPredictor(q)
+    for h, w in ((320, 416), (224, 352)):
+        x = natural_batch(h, w, n=2).transpose(0, 3, 1, 2).astype(np.float32).copy()
+        a, b = f.run(x), i8.run(x)
+        assert b["mask_features"].shape == (2, 128, h // 8, w // 8)
+        corr = np.corrcoef(a["mask_features"].ravel(), b["mask_features"].ravel())[0, 1]
+        assert corr > 0.9, corr
+
+
 # -- Conv-BN fusion --------------------------------------------------------------------------------
 def assert_fused_equal(model, h: int = 256, w: int = 320, rtol: float = 1e-4) -> None:
     fused = fuse_conv_bn(model)

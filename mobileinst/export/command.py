@@ -56,7 +56,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--int8", action="store_true",
                    help="also write an int8 (static QDQ) copy, OUT-int8.onnx")
     p.add_argument("--calib", help="calibration images for --int8: a folder, a glob or a DATA yaml "
-                                   "(its val images)")
+                                   "(its train images)")
     p.add_argument("--calib-n", type=int, default=64, help="calibration images to use (default 64)")
     p.set_defaults(func=run)
 

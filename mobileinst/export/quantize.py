@@ -28,13 +28,14 @@ log = logging.getLogger("mobileinst.export")
 
 def calibration_images(source: str | Path | Iterable[np.ndarray], n: int = 64) -> list[np.ndarray]:
     """RGB uint8 images for calibration: a list of arrays, or a folder / glob / image file, or a
-    DATA yaml (its val images). At most `n`, spread evenly over the sorted list."""
+    DATA yaml (its TRAIN images: calibration must not see the split AP is measured on). At most
+    `n`, spread evenly over the sorted list."""
     from ..predict import list_sources, read_image
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.suffix.lower() in (".yaml", ".yml"):
             from ..data.config import load_data_config
-            path = load_data_config(path).val.images
+            path = load_data_config(path).train.images
         files = list_sources(path)
         picks = np.linspace(0, len(files) - 1, min(n, len(files))).round().astype(int)
         images = [read_image(files[i]) for i in sorted(set(picks.tolist()))]
@@ -99,6 +100,7 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path,
     meta = read_metadata(onnx_in)
     proto = onnx.load(str(onnx_in))
     exclude = [node.name for node in proto.graph.node if node.name.startswith(POSTPROCESS_PREFIX)]
+    exclude += shape_derived_nodes(proto, predictor.input.name)
     onnx_in, onnx_out = Path(onnx_in).resolve(), Path(onnx_out).resolve()
     with tempfile.TemporaryDirectory() as tmp, working_dir(tmp):  # ORT leaves temp files in cwd
         model_in = _preprocess(onnx_in, Path(tmp) / "pre.onnx")
@@ -119,6 +121,18 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path,
     set_metadata(proto, meta)
     save_atomic(proto, onnx_out)
     return onnx_out
+
+
+def shape_derived_nodes(proto, input_name: str) -> list[str]:
+    """Names of the nodes whose outputs depend on the input only through its shape (Shape/Size):
+    the sine position encodings of the instance decoder, built from the feature map's H and W.
+    They stay float: quantized with ranges calibrated at one size, onnxruntime's fused int8
+    Concat of a dynamic graph fails at another size ("Non concat axis dimensions must match")."""
+    data = {input_name}  # tensors that carry pixel values
+    for node in proto.graph.node:  # ONNX graphs are topologically sorted
+        if node.op_type not in ("Shape", "Size") and any(i in data for i in node.input):
+            data.update(node.output)
+    return [node.name for node in proto.graph.node if not any(o in data for o in node.output)]
 
 
 @contextlib.contextmanager
