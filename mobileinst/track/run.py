@@ -16,6 +16,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ..utils import write_json
 from ..viz import color, draw_instances
 from .predictor import TrackedFrame, VideoPredictor
@@ -23,7 +25,7 @@ from .results import TrackResults
 from .video_io import Mp4Writer, open_frames
 
 
-def overlay(image, out: TrackedFrame):
+def overlay(image: np.ndarray, out: TrackedFrame) -> np.ndarray:
     """RGB frame with the tracked instances drawn, one colour per track id."""
     labels = [f"#{i} {n} {s:.2f}" for i, n, s in zip(out.track_ids, out.names, out.scores)]
     return draw_instances(image, out.masks, labels, [color(int(i)) for i in out.track_ids])
