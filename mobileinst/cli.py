@@ -122,7 +122,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 # -- the parser ----------------------------------------------------------------------------------
 def _add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train on a COCO-format DATA file")
+    p = sub.add_parser("train", help="train on a DATA file (COCO images or YouTube-VIS videos)")
     p.add_argument("--data", required=True, help="DATA yaml: train/val json + image folders")
     p.add_argument("--cfg", help="a YAML preset of training options (CLI options win)")
     for name, (typ, help_) in TRAIN_OPTIONS.items():
