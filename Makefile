@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup test test-slow demo clean
+.PHONY: setup test test-slow demo bench-peers clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,13 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/mobileinst demo
+
+# The peers of benchmarks/latency.py (YOLO11n-seg, YOLOv8n-seg), benchmark-only: ultralytics is
+# AGPL-3.0 and asks for torchvision, which has no build beside this torch, so it goes in without
+# its dependencies (the benchmark gives it a stand-in torchvision); never a dependency of the package.
+bench-peers: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps ultralytics ultralytics-thop
+	$(BIN)/python -m pip install -q pillow requests psutil polars
 
 clean:
 	rm -rf $(VENV) runs demo_data

@@ -16,6 +16,7 @@ from .errors import MobileInstError
 from .export.command import add_backend_option
 from .export.command import add_parser as add_export_parser
 from .track.command import add_parser as add_track_parser
+from .utils import keep_freed_memory
 
 
 # -- model inspection ------------------------------------------------------------------------
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()  # eager PyTorch on the CPU: no page faults per call (utils.py)
     try:
         args.func(args)
     except MobileInstError as e:

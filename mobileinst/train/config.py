@@ -32,6 +32,7 @@ class TrainConfig:
     warmup_iters: int = 1000  # capped at a quarter of the run
     grad_clip: float = 0.0  # max gradient norm; 0 = off (the recipe's default)
     amp: bool = False  # bf16 autocast on CPU, fp16 + GradScaler on CUDA
+    channels_last: bool = True  # NHWC weights and batches: ~1.3x faster CPU steps here (README)
     ema: bool = False
     ema_decay: float = 0.9999
     crop: bool = False  # SparseInst's "_aug" random crop

@@ -30,6 +30,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..errors import CheckpointError, MobileInstError
 from ..evaluate.evaluator import evaluate_model
 from ..registry import build_model, get_config
+from ..utils import keep_freed_memory
 from . import dist
 from .config import TrainConfig
 from .data import build_train_loader, build_val_set
@@ -103,8 +104,12 @@ class Trainer:
         self.eval_interval = cfg.eval_interval or self.bpe
         self.save_interval = cfg.save_interval or self.eval_interval
 
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model = build_model(cfg.model, num_classes=len(self.class_names),
-                                 num_queries=cfg.num_queries, **cfg.model_overrides).to(self.device)
+                                 num_queries=cfg.num_queries, **cfg.model_overrides
+                                 ).to(self.device, memory_format=self.memory_format)
         self.model_cfg = self.model.cfg
         if cfg.backbone_weights and ckpt is None:
             from ..models.weights import load_backbone_weights
@@ -235,7 +240,7 @@ class Trainer:
     def step(self, images: torch.Tensor, targets: list[dict]) -> dict[str, float]:
         """One optimisation step; returns the (worker-averaged) loss values."""
         self.ddp.train()
-        images = images.to(self.device, non_blocking=True)
+        images = images.to(self.device, memory_format=self.memory_format, non_blocking=True)
         targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()}
                    for t in targets]
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.cfg.amp):
