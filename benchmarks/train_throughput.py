@@ -1,7 +1,7 @@
 """Training throughput (images/s) and peak memory on this machine's CPU.
 
     python benchmarks/train_throughput.py [--models mobileinst-topformer-t mobileinst-seaformer-t]
-        [--imgsz 640] [--batch 4] [--iters 8] [--warmup 2] [--threads 2] [--amp]
+        [--imgsz 640] [--batch 4] [--iters 8] [--warmup 2] [--threads 2] [--amp] [--no-channels-last]
 
 Each model runs in a fresh process: full training steps (forward, matcher, losses, backward,
 AdamW) on batches of the synthetic set at imgsz x imgsz, data loading excluded (the batch is
@@ -33,7 +33,9 @@ images, targets = collate([ds[i] for i in range(args["batch"])])
 images = torch.nn.functional.interpolate(images, size=(args["imgsz"], args["imgsz"]))  # fixed size
 targets = [dict(t, masks=torch.nn.functional.interpolate(t["masks"][None].float(),
            size=(args["imgsz"], args["imgsz"]))[0].to(torch.uint8)) for t in targets]
-model = build_model(args["model"], num_classes=len(ds.class_names)).train()
+fmt = torch.channels_last if args["channels_last"] else torch.contiguous_format  # as the trainer
+model = build_model(args["model"], num_classes=len(ds.class_names)).train().to(memory_format=fmt)
+images = images.contiguous(memory_format=fmt)
 crit = MobileInstCriterion(num_classes=len(ds.class_names))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 times = []
@@ -60,6 +62,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--amp", action="store_true", help="bf16 autocast")
+    ap.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                    help="NCHW batches and weights (the trainer's default is channels-last)")
     args = ap.parse_args()
 
     sys.path.insert(0, str(ROOT))
@@ -68,11 +72,12 @@ def main() -> None:
     data = make_synthetic_coco(tmp, n_train=2, n_val=max(args.batch, 2), seed=0).parent
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT),
            "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
-    print(f"| model | imgsz | batch | threads | amp | s/iter | images/s | peak RSS (MB) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | imgsz | batch | threads | amp | channels-last | s/iter | images/s | peak RSS (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         job = {"model": name, "imgsz": args.imgsz, "batch": args.batch, "iters": args.iters,
                "warmup": args.warmup, "threads": args.threads, "amp": args.amp,
+               "channels_last": args.channels_last,
                "json": str(data / "annotations" / "instances_val.json"), "images": str(data / "val")}
         out = subprocess.run([sys.executable, "-c", WORKER, json.dumps(job)], env=env,
                              capture_output=True, text=True)
@@ -80,7 +85,7 @@ def main() -> None:
             print(f"| {name} | failed: {out.stderr.strip().splitlines()[-1]} |")
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"| {name} | {args.imgsz} | {args.batch} | {args.threads} | {args.amp} | "
+        print(f"| {name} | {args.imgsz} | {args.batch} | {args.threads} | {args.amp} | {args.channels_last} | "
               f"{r['s_per_iter']:.2f} | {r['images_per_s']:.2f} | {r['peak_rss_mb']:.0f} |", flush=True)
 
 
