@@ -21,8 +21,9 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 -p no:cacheprovider tests
 
 # Exit code 5 means "no tests collected": not a failure when no slow test is selected.
+# Two workers: the ONNX exports are mostly single-threaded Python (~35 min in all on 2 cores).
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow tests || test $$? -eq 5
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 -p no:cacheprovider -m slow tests --durations=15 || test $$? -eq 5
 
 demo: $(STAMP)
 	$(BIN)/mobileinst demo

@@ -99,8 +99,8 @@ def save_model_checkpoint(model, path, imgsz: int):
     return path
 
 
-def torch_raw(model, images: np.ndarray) -> dict[str, np.ndarray]:
-    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).float()
+def torch_raw(model, images: np.ndarray, dtype: torch.dtype = torch.float32) -> dict[str, np.ndarray]:
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(dtype)
     with torch.no_grad():
         mask_feats, f_mask, x6 = model.features(x)
         out = model.instance_decoder(x6, f_mask)
@@ -108,18 +108,36 @@ def torch_raw(model, images: np.ndarray) -> dict[str, np.ndarray]:
             "kernels": out["pred_kernels"].numpy(), "mask_features": mask_feats.numpy()}
 
 
-def assert_raw_close(got: dict, ref: dict, rtol: float = 1e-4) -> None:
+def relative_error(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(got - ref).max() / max(1.0, np.abs(ref).max()))
+
+
+def assert_raw_close(got: dict, ref: dict, rtol: float = 1e-4,
+                     noise: dict[str, float] | None = None) -> None:
+    """Every output within rtol of the reference (relative to its magnitude), or within 4x
+    PyTorch's own float32 error on it (`float32_noise`) where that is larger."""
     for k, r in ref.items():
-        err = np.abs(got[k] - r).max() / max(1.0, np.abs(r).max())
-        assert err <= rtol, f"{k}: relative max error {err:.2e}"
+        err, tol = relative_error(got[k], r), max(rtol, 4 * (noise or {}).get(k, 0.0))
+        assert err <= tol, f"{k}: relative max error {err:.2e} (tolerance {tol:.2e})"
 
 
-def check_raw_parity(model, predictor: OnnxPredictor, h: int, w: int, n: int = 1) -> int:
+def float32_noise(model, images: np.ndarray) -> dict[str, float]:
+    """PyTorch's own float32 rounding error on `images`: relative max |float32 - float64| per raw
+    output. Deep variants (SeaFormer-B/L) reach ~1e-4 here, so an exact transformation (Conv-BN
+    folding, onnxruntime's kernels) may differ from eager float32 by that much."""
+    import copy
+    ref64 = torch_raw(copy.deepcopy(model).double(), images, torch.float64)
+    ref32 = torch_raw(model, images)
+    return {k: relative_error(ref32[k], ref64[k]) for k in ref32}
+
+
+def check_raw_parity(model, predictor: OnnxPredictor, h: int, w: int, n: int = 1,
+                     noise: dict[str, float] | None = None) -> int:
     """ONNX raw outputs and their decoding == PyTorch forward_raw + model.postprocess."""
     images = natural_batch(h, w, n)
     got = predictor.run(images.transpose(0, 3, 1, 2).astype(predictor.input_dtype).copy())
     ref = torch_raw(model, images)
-    assert_raw_close(got, ref)
+    assert_raw_close(got, ref, noise=noise)
     with torch.no_grad():
         ref_inst = model.postprocess(model.forward_raw(torch.from_numpy(
             images.transpose(0, 3, 1, 2).copy()).float()), (h, w))
@@ -354,18 +372,16 @@ def test_int8_dynamic_graph_runs_at_other_sizes(topformer_dyn, tmp_path):
 
 
 # -- Conv-BN fusion --------------------------------------------------------------------------------
-def assert_fused_equal(model, h: int = 256, w: int = 320, rtol: float = 1e-4) -> None:
+def assert_fused_equal(model, h: int = 256, w: int = 320, rtol: float = 1e-4,
+                       noise: dict[str, float] | None = None) -> None:
+    """Conv-BN folding keeps the raw outputs within rtol (or 4x float32's own error, `noise`)."""
     fused = fuse_conv_bn(model)
     assert is_fused(fused) and not is_fused(model)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()), "original untouched"
-    x = torch.from_numpy(natural_batch(h, w).transpose(0, 3, 1, 2).copy())
-    x = x.to(next(model.parameters()).dtype)
-    with torch.no_grad():
-        a, b = model.eval().forward_raw(x), fused.forward_raw(x)
-    for k in a:
-        err = (a[k] - b[k]).abs().max() / a[k].abs().max().clamp(min=1.0)
-        assert err < rtol, f"{k}: {err:.2e}"
+    images = natural_batch(h, w)
+    dtype = next(model.parameters()).dtype
+    assert_raw_close(torch_raw(fused, images, dtype), torch_raw(model.eval(), images, dtype), rtol, noise)
 
 
 @pytest.mark.parametrize("name", ["topformer-t", "seaformer-t", "mobilenetv2"])
@@ -408,11 +424,11 @@ def test_cli_parser():
 def test_every_variant_parity(name, tmp_path):
     torch.manual_seed(0)
     model = make_realistic(build_model(name), voc_image())
-    assert_fused_equal(model)
+    assert_fused_equal(model, noise=float32_noise(model, natural_batch(256, 320)))
     path = export_onnx(model, tmp_path / "m.onnx", imgsz=(320, 320), dynamic=True)
     pred = OnnxPredictor(path)
     for h, w in SIZES:
-        assert check_raw_parity(model, pred, h, w) > 10
+        assert check_raw_parity(model, pred, h, w, noise=float32_noise(model, natural_batch(h, w))) > 10
 
 
 @pytest.mark.slow
