@@ -49,6 +49,7 @@ from mobileinst.predict import preprocess  # noqa: E402
 from mobileinst.track.evaluate import EVAL_CONF, predict_videos  # noqa: E402
 from mobileinst.track.predictor import VideoPredictor  # noqa: E402
 from mobileinst.track.tracker import TrackerConfig  # noqa: E402
+from mobileinst.utils import keep_freed_memory  # noqa: E402
 
 LINK_IOU = 0.3  # baseline: the least mask IoU that links an instance to a track
 MATCH_IOU = 0.5  # id switches: a GT frame is matched to a predicted track at this IoU
@@ -192,6 +193,7 @@ def main() -> None:
     ap.add_argument("--conf", type=float, default=EVAL_CONF, help="track start score for AP")
     ap.add_argument("--switch-conf", type=float, default=0.3, help="track start score for ID switches")
     args = ap.parse_args()
+    keep_freed_memory()  # as `mobileinst track` does (cli.main): no page faults per frame
 
     model, ckpt = model_from_checkpoint(args.weights)
     imgsz = args.imgsz or (ckpt.get("train_config") or {}).get("imgsz", 640)

@@ -106,3 +106,21 @@ def test_info_cli(capsys):
     assert "1.370" in out  # TopFormer-T: 1,369,920 parameters (official layer tables)
     assert main(["info", "nope"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def _upsample_reference(prob, padded, size, orig):
+    m = torch.nn.functional.interpolate(prob[None], size=padded, mode="bilinear", align_corners=False)
+    m = m[:, :, : size[0], : size[1]]
+    return torch.nn.functional.interpolate(m, size=orig, mode="bilinear", align_corners=False)[0]
+
+
+@pytest.mark.parametrize("padded,size,orig", [((640, 640), (480, 640), (480, 640)),  # letterbox, no resize
+                                              ((256, 320), (250, 320), (250, 320)),
+                                              ((256, 320), (250, 320), (500, 641)),  # resized
+                                              ((96, 64), (77, 35), (25, 17))])
+def test_upsample_masks_is_the_plain_recipe_bit_for_bit(padded, size, orig):
+    from mobileinst.models.postprocess import upsample_masks
+    prob = torch.rand(3, padded[0] // 4, padded[1] // 4, generator=torch.Generator().manual_seed(0))
+    got = upsample_masks(prob, padded, size, orig)
+    assert got.shape == (3, *orig)
+    assert torch.equal(got, _upsample_reference(prob, padded, size, orig))
