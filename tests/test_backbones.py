@@ -6,7 +6,6 @@ for stored state_dicts; a faithful backbone loads them strictly and matches to 1
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,8 @@ from mobileinst.models.layers import make_divisible
 from mobileinst.models.seaformer import SEAFORMER_CONFIGS, SeaFormer, seaformer
 from mobileinst.models.topformer import TOPFORMER_CONFIGS, TopFormer, topformer
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+from golden import golden_path
+
 TOL = 1e-4
 
 # /shared/spec/backbones.md: parameter counts (BN affine + pos embeddings, no running stats)
@@ -35,15 +35,8 @@ BUILDERS = {"topformer": topformer, "seaformer": seaformer}
 
 
 @lru_cache(maxsize=None)
-def _load(name: str) -> dict:
-    return torch.load(GOLDEN / f"{name}.pt", weights_only=True)
-
-
 def golden(name: str) -> dict:
-    path = GOLDEN / f"{name}.pt"
-    if not path.exists():
-        pytest.skip(f"golden file {path} absent (expected in ../shared/golden beside the checkout)")
-    return _load(name)
+    return torch.load(golden_path(name), weights_only=True)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

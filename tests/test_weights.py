@@ -17,6 +17,7 @@ from mobileinst.errors import CheckpointError, MobileInstError
 from mobileinst.models.mobilenetv2 import mobilenetv2
 from mobileinst.models.weights import LoadReport, describe, load_backbone_weights
 
+from golden import golden_path
 from official_layouts import (
     MOBILENETV2_FEATURE_PARAMS, SEAFORMER_ENTRIES, SEAFORMER_PARAMS, TOPFORMER_PARAMS,
     fabricate_checkpoint, fabricate_state_dict, mobilenetv2_imagenet_layout, mobilenetv2_layout,
@@ -24,8 +25,6 @@ from official_layouts import (
     topformer_layout,
 )
 
-GOLDEN_DIRS = [Path(__file__).resolve().parents[1] / "shared" / "golden", Path("/work/shared/golden"),
-               Path("/shared/golden")]
 
 
 def build(family: str, variant: str) -> nn.Module:
@@ -128,10 +127,7 @@ def test_mobilenetv2_layout_matches_torchvision_counts():
                                   "seaformer-b", "seaformer-l"])
 def test_layouts_match_golden_state_dicts(name):
     """The golden files hold state_dicts written by the official code: same keys and shapes."""
-    found = [d / f"{name}.pt" for d in GOLDEN_DIRS if (d / f"{name}.pt").is_file()]
-    if not found:
-        pytest.skip("golden files not available")
-    state = torch.load(found[0], map_location="cpu", weights_only=True)["state_dict"]
+    state = torch.load(golden_path(name), map_location="cpu", weights_only=True)["state_dict"]
     family, variant = name.split("-")
     assert {k: tuple(v.shape) for k, v in state.items()} == layout(family, variant)
 
@@ -139,14 +135,12 @@ def test_layouts_match_golden_state_dicts(name):
 @pytest.mark.parametrize("name", ["topformer-t", "topformer-b", "seaformer-t", "seaformer-l"])
 def test_golden_files_load(name):
     """A file written by the official code (wrapped under `state_dict`, with other entries) loads."""
-    found = [d / f"{name}.pt" for d in GOLDEN_DIRS if (d / f"{name}.pt").is_file()]
-    if not found:
-        pytest.skip("golden files not available")
+    path = golden_path(name)
     family, variant = name.split("-")
     model = build(family, variant)
-    report = load_backbone_weights(model, found[0])
+    report = load_backbone_weights(model, path)
     assert report.source == "state_dict" and report.fresh == [] and report.num_ignored == 0
-    state = torch.load(found[0], map_location="cpu", weights_only=True)["state_dict"]
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     assert_equal_state(model, state)
 
 
