@@ -222,6 +222,10 @@ class CocoInstances(Dataset):
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Untransformed image (H, W, 3) RGB uint8, labels int64 (M,), masks uint8 (M, H, W);
         masks that rasterise to nothing are dropped."""
+        return self.load_with_ids(index)[:3]
+
+    def load_with_ids(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`load` plus each instance's annotation id, int64 (M,)."""
         info = self.images[index]
         path = self.image_dir / info["file_name"]
         image = read_rgb(path)
@@ -233,8 +237,9 @@ class CocoInstances(Dataset):
         masks = (np.stack([decode_segmentation(a["segmentation"], h, w) for a in anns]) if anns
                  else np.zeros((0, h, w), np.uint8))
         labels = np.array([self.label_of[a["category_id"]] for a in anns], np.int64)
+        ids = np.array([a.get("id", -1) for a in anns], np.int64)
         keep = nonempty(masks)
-        return image, labels[keep], masks[keep]
+        return image, labels[keep], masks[keep], ids[keep]
 
     def _rng(self, seed: int | None) -> np.random.Generator:
         if seed is None and getattr(self.transform, "random", True):

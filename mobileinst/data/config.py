@@ -5,6 +5,7 @@
     names: [circle, square, ...]   # optional: taken from the json's categories otherwise
     format: coco                   # or ytvis (YouTube-VIS videos); `video: true` means ytvis
     max_gap: 5                     # ytvis training: the largest frame gap d of a clip (t, t + d)
+    coco: {json: ..., images: ...} # ytvis training: also COCO images as pseudo-clips (same category ids)
 
 Paths are relative to the YAML's folder (absolute ones are kept); `load_data_config` returns them
 absolute. Other keys are kept in `DataConfig.extra`.
@@ -35,6 +36,7 @@ class DataConfig:
     names: list[str] | None = None
     format: str = "coco"
     extra: dict = field(default_factory=dict)
+    coco: Split | None = None  # ytvis training: COCO images mixed in as pseudo-clips
 
 
 def _split(cfg: dict, key: str, root: Path, source: Path) -> Split:
@@ -69,6 +71,11 @@ def load_data_config(path: str | Path) -> DataConfig:
     names = cfg.get("names")
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         raise DataError(f"{path}: 'names' must be a list of class names")
-    extra = {k: v for k, v in cfg.items() if k not in ("train", "val", "names", "format", "video")}
+    coco = None
+    if "coco" in cfg:
+        if fmt != "ytvis":
+            raise DataError(f"{path}: 'coco' (images as pseudo-clips) needs format: ytvis")
+        coco = _split(cfg, "coco", root, path)
+    extra = {k: v for k, v in cfg.items() if k not in ("train", "val", "names", "format", "video", "coco")}
     return DataConfig(path, _split(cfg, "train", root, path), _split(cfg, "val", root, path),
-                      names, fmt, extra)
+                      names, fmt, extra, coco)

@@ -11,6 +11,7 @@ No extra parameters. The spec leaves open whether frame t is supervised too; we 
 (the natural choice): frame t with its targets exactly as image training, frame t + d with its own
 targets, each through the same MobileInstCriterion (its own Hungarian matching); the loss is the
 mean of the two, so its scale equals image training's. `--batch` counts clips (2 frames each).
+A `coco:` entry in the DATA file adds that json's images as pseudo-clips (`data.pseudo_clips`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from ..data.coco import CocoInstances
 from ..data.config import DataConfig
+from ..data.pseudo_clips import MixedClips, PseudoClips
 from ..data.transforms import EvalTransform, TrainTransform
 from ..data.ytvis import YtvisClips, collate_clips
 from ..errors import DataError
@@ -71,8 +74,11 @@ def build_video_train_loader(cfg: TrainConfig, data: DataConfig, rank: int, worl
                              ) -> tuple[DataLoader, object]:
     """The clip loader of a `video: true` DATA file; `wrap` is the image path's SkipUnreadable."""
     max_gap = int(data.extra.get("max_gap", 5))
-    dataset = wrap(YtvisClips(data.train.json, data.train.images,
-                              TrainTransform(cfg.imgsz, crop=cfg.crop), data.names, max_gap=max_gap))
+    transform = TrainTransform(cfg.imgsz, crop=cfg.crop)
+    clips = YtvisClips(data.train.json, data.train.images, transform, data.names, max_gap=max_gap)
+    if data.coco is not None:  # COCO images as pseudo-clips (data/pseudo_clips.py)
+        clips = MixedClips([clips, pseudo_clips(data, clips, transform)])
+    dataset = wrap(clips)
     if len(dataset) == 0:
         raise DataError(f"{data.train.json}: no frames to train on")
     if cfg.batch % world:
@@ -83,6 +89,15 @@ def build_video_train_loader(cfg: TrainConfig, data: DataConfig, rank: int, worl
                         collate_fn=collate_clips, drop_last=True, persistent_workers=cfg.workers > 0,
                         generator=torch.Generator().manual_seed(cfg.seed))
     return loader, dataset
+
+
+def pseudo_clips(data: DataConfig, clips: YtvisClips, transform: TrainTransform) -> PseudoClips:
+    """The DATA file's `coco` images as pseudo-clips, with the videos' classes (same category ids)."""
+    coco = CocoInstances(data.coco.json, data.coco.images, None, clips.class_names)
+    if coco.cat_ids != clips.cat_ids:
+        raise DataError(f"{data.path}: the coco json {data.coco.json} has category ids {coco.cat_ids}, "
+                        f"the videos {data.train.json} {clips.cat_ids}: they must be the same")
+    return PseudoClips(coco, transform)
 
 
 def build_video_val_set(cfg: TrainConfig, data: DataConfig) -> YtvisClips:
