@@ -91,7 +91,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_val(args: argparse.Namespace) -> None:
     from .evaluate.evaluator import validate
     metrics = validate(args.weights, args.data, out=args.out, imgsz=args.imgsz, batch=args.batch,
-                       device=args.device, workers=args.workers)
+                       device=args.device, workers=args.workers, backend=args.backend,
+                       threads=args.threads)
     print(metrics.format_table())
     if args.out:
         print(f"results written to {args.out}")
@@ -167,13 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
 
     p = sub.add_parser("val", help="mask AP of a checkpoint on the DATA file's val split")
-    p.add_argument("--weights", required=True)
+    p.add_argument("--weights", required=True, help="a .pt checkpoint (or .onnx with --backend onnxruntime)")
     p.add_argument("--data", required=True)
     p.add_argument("--out", default=None, help="write the COCO results json here")
     p.add_argument("--imgsz", type=int, default=None, help="default: the checkpoint's training size")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
+    add_backend_option(p)
     p.set_defaults(func=cmd_val)
 
     p = sub.add_parser("eval", help="evaluate any COCO (or --video YouTube-VIS) results file")

@@ -91,10 +91,10 @@ def assert_same_instances(ref: dict, got: dict, score_tol: float = 1e-4, min_iou
     return checked
 
 
-def save_model_checkpoint(model, path, imgsz: int):
-    """A checkpoint as training writes it (80 classes, category ids 1..80)."""
+def save_model_checkpoint(model, path, imgsz: int, class_names: list[str] = CLASSES):
+    """A checkpoint as training writes it (by default 80 classes, category ids 1..80)."""
     save_checkpoint({"model": model.state_dict(), "model_config": model.cfg.to_dict(),
-                     "class_names": CLASSES, "cat_ids": list(range(1, 81)),
+                     "class_names": list(class_names), "cat_ids": list(range(1, len(class_names) + 1)),
                      "train_config": {"imgsz": imgsz}}, path)
     return path
 
@@ -529,3 +529,37 @@ def test_cli_predict_onnxruntime_backend_equals_torch(tmp_path):
         partners = [rb for rb in b if rb["category_id"] == ra["category_id"]
                     and abs(rb["score"] - ra["score"]) <= 1e-3]
         assert partners, ra["score"]
+
+
+def test_cli_val_onnxruntime_backend(tmp_path, capsys):
+    """`mobileinst val --backend onnxruntime`: the exported graph's results on every val image equal
+    the PyTorch Predictor's, and the printed AP is the results json's."""
+    from mobileinst.cli import main
+    from mobileinst.data.coco import CocoInstances
+    from mobileinst.data.synthetic import make_synthetic_coco
+    from mobileinst.data.synthetic_video import make_synthetic_ytvis
+    from mobileinst.evaluate.coco_eval import evaluate_coco
+    from mobileinst.evaluate.evaluator import predict_images
+    from mobileinst.predict import Predictor
+    data = make_synthetic_coco(tmp_path / "data", n_train=1, n_val=3, seed=2)
+    torch.manual_seed(0)
+    model = make_realistic(build_model("mobileinst-topformer-t", num_classes=4), voc_image())
+    names = ["circle", "square", "triangle", "ring"]
+    ckpt = save_model_checkpoint(model, tmp_path / "best.pt", imgsz=256, class_names=names)
+    out = tmp_path / "r.json"
+    assert main(["val", "--weights", str(ckpt), "--data", str(data), "--backend", "onnxruntime",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    got = json.loads(out.read_text())
+    val = CocoInstances(data.parent / "annotations" / "instances_val.json", data.parent / "val")
+    ref = predict_images(Predictor(model.eval(), names, imgsz=256, conf=0.005), val, progress=False)
+    assert len(got) == len(ref) > 10
+    key = lambda r: (r["image_id"], -r["score"])  # noqa: E731
+    for a, b in zip(sorted(got, key=key), sorted(ref, key=key)):
+        assert a["image_id"] == b["image_id"] and abs(a["score"] - b["score"]) <= 1e-3
+    metrics = evaluate_coco(val.json_path, got)
+    assert f"{metrics.AP:.4f}" in printed
+    video = make_synthetic_ytvis(tmp_path / "vis", n_train=1, n_val=1, length=2)
+    assert main(["val", "--weights", str(ckpt), "--data", str(video), "--backend", "onnxruntime"]) == 2
+    err = capsys.readouterr().err
+    assert "needs the PyTorch model" in err and "Traceback" not in err

@@ -54,16 +54,60 @@ def evaluate_model(model: torch.nn.Module, dataset, batch_size: int = 4, workers
     return evaluate_coco(dataset.json_path, records)
 
 
+def predict_images(predictor, dataset, progress: bool = True) -> list[dict]:
+    """COCO results records of a Predictor / OnnxPredictor over every image of a CocoInstances
+    (read from disk and resized as `mobileinst predict` does), with the dataset's category ids."""
+    from ..predict import read_image, result_records
+    records: list[dict] = []
+    for info in tqdm(dataset.images, desc="val", leave=False, dynamic_ncols=True, disable=not progress):
+        result = predictor(read_image(dataset.image_dir / info["file_name"]))
+        records += result_records(result, info["id"], info["file_name"], dataset.cat_ids)
+    return records
+
+
+def validate_onnxruntime(weights: str, data: str, out: str | None = None, imgsz: int | None = None,
+                         threads: int | None = None) -> CocoMetrics:
+    """`mobileinst val --backend onnxruntime`: an .onnx (or a .pt, exported once and cached) on a
+    COCO DATA file's val split, one image at a time, at the evaluation threshold."""
+    from ..data.coco import CocoInstances
+    from ..data.config import load_data_config
+    from ..errors import DataError, MobileInstError
+    from ..export.command import load_predictor
+    from ..models.postprocess import InferenceConfig
+
+    cfg = load_data_config(data)
+    if cfg.format == "ytvis":
+        raise MobileInstError(f"{data}: video val runs the tracker, which needs the PyTorch model "
+                              "(--backend torch)")
+    predictor = load_predictor(weights, backend="onnxruntime", imgsz=imgsz,
+                               conf=InferenceConfig().score_threshold, threads=threads)
+    dataset = CocoInstances(cfg.val.json, cfg.val.images, None, cfg.names)
+    if len(dataset.class_names) != len(predictor.class_names):
+        raise DataError(f"{cfg.val.json}: {len(dataset.class_names)} categories, but {weights} "
+                        f"predicts {len(predictor.class_names)}")
+    records = predict_images(predictor, dataset)
+    if out:
+        from ..utils import write_json
+        write_json(out, records)
+    return evaluate_coco(dataset.json_path, records)
+
+
 def validate(weights: str, data: str, out: str | None = None, imgsz: int | None = None,
-             batch: int = 4, device: str = "auto", workers: int = 2) -> CocoMetrics:
+             batch: int = 4, device: str = "auto", workers: int = 2, backend: str = "torch",
+             threads: int | None = None) -> CocoMetrics:
     """`mobileinst val`: a checkpoint on a DATA file's val split; writes the results json to `out`.
-    A video DATA file (`video: true`) gives YouTube-VIS video mask AP (VisMetrics) instead."""
+    A video DATA file (`video: true`) gives YouTube-VIS video mask AP (VisMetrics) instead.
+    backend "onnxruntime": `validate_onnxruntime` (images only)."""
     from ..checkpoint import model_from_checkpoint
     from ..data.coco import CocoInstances
     from ..data.config import load_data_config
     from ..data.transforms import EvalTransform
     from ..errors import DataError
 
+    if backend == "onnxruntime":
+        return validate_onnxruntime(weights, data, out, imgsz, threads)
+    if threads:
+        torch.set_num_threads(threads)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     model, ckpt = model_from_checkpoint(weights)
