@@ -102,6 +102,10 @@ def install_torchvision_stub() -> None:
     import importlib.metadata as md  # ultralytics reads torchvision's version from its metadata
     real_version = md.version
     md.version = lambda name: tv.__version__ if name == "torchvision" else real_version(name)
+    # torch's ONNX exporter looks for torchvision's ops and logs a traceback per op when the module
+    # has no import spec (this stand-in): quiet that logger, the ops are not needed.
+    import logging
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.CRITICAL)
 
 
 def peers_available() -> bool:
