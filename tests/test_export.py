@@ -531,6 +531,7 @@ def test_cli_predict_onnxruntime_backend_equals_torch(tmp_path):
         assert partners, ra["score"]
 
 
+@pytest.mark.slow
 def test_cli_val_onnxruntime_backend(tmp_path, capsys):
     """`mobileinst val --backend onnxruntime`: the exported graph's results on every val image equal
     the PyTorch Predictor's, and the printed AP is the results json's."""
