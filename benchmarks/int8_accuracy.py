@@ -21,17 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def predict_all(predictor, files: list[Path], file_ids: dict[str, int], cat_ids: list[int]):
-    """(COCO result records, per-image seconds) of `predictor` over `files`."""
-    from mobileinst.predict import read_image, result_records
-    records, times = [], []
-    for path in files:
-        image = read_image(path)
+class Timed:
+    """A predictor that records the wall time of each call (pre + network + post)."""
+
+    def __init__(self, predictor) -> None:
+        self.predictor, self.times = predictor, []
+
+    def __call__(self, image):
         t0 = time.perf_counter()
-        result = predictor(image)
-        times.append(time.perf_counter() - t0)
-        records += result_records(result, file_ids[path.name], path.name, cat_ids)
-    return records, times
+        result = self.predictor(image)
+        self.times.append(time.perf_counter() - t0)
+        return result
 
 
 def main() -> None:
@@ -43,13 +43,13 @@ def main() -> None:
     ap.add_argument("--out-dir", default="runs/int8")
     args = ap.parse_args()
 
-    import json
-
     import torch
 
     from mobileinst.checkpoint import model_from_checkpoint
+    from mobileinst.data.coco import CocoInstances
     from mobileinst.data.config import load_data_config
     from mobileinst.evaluate.coco_eval import evaluate_coco
+    from mobileinst.evaluate.evaluator import predict_images
     from mobileinst.export.onnx import export_onnx
     from mobileinst.export.quantize import quantize_int8
     from mobileinst.export.runtime import OnnxPredictor
@@ -57,9 +57,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     data = load_data_config(args.data)
-    gt = json.loads(Path(data.val.json).read_text())
-    file_ids = {Path(im["file_name"]).name: im["id"] for im in gt["images"]}
-    files = [Path(data.val.images) / im["file_name"] for im in gt["images"]]
+    val = CocoInstances(data.val.json, data.val.images)
 
     model, ckpt = model_from_checkpoint(args.weights)
     imgsz = int((ckpt.get("train_config") or {}).get("imgsz", 640))
@@ -76,12 +74,13 @@ def main() -> None:
     }
     rows = []
     for name, predictor in predictors.items():
-        records, times = predict_all(predictor, files, file_ids, model.cat_ids)
+        timed = Timed(predictor)
+        records = predict_images(timed, val, progress=False)
         metrics = evaluate_coco(data.val.json, records, backend="pycocotools")
-        rows.append((name, metrics.AP, metrics.AP50, 1000 * statistics.median(times)))
+        rows.append((name, metrics.AP, metrics.AP50, 1000 * statistics.median(timed.times)))
         print(f"{name}: AP {metrics.AP:.4f}", flush=True)
 
-    print(f"\n{args.weights} on {len(files)} val images of {args.data}, imgsz {imgsz}, "
+    print(f"\n{args.weights} on {len(val)} val images of {args.data}, imgsz {imgsz}, "
           f"{args.threads} thread(s); int8 calibrated on {args.calib_n} train images\n")
     print("| backend | mask AP | AP50 | ms / image |\n|---|---:|---:|---:|")
     for name, a, a50, ms in rows:
