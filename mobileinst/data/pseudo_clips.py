@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from .coco import CocoInstances, Transform
 from .transforms import nonempty
+from .ytvis import clip_frame
 
 MEAN_PIXEL = (124, 116, 104)  # RGB, the letterbox fill (export/onnx.py)
 
@@ -56,17 +57,10 @@ class PseudoClips(Dataset):
 
     def _frame(self, index: int, t: int, image: np.ndarray, labels: np.ndarray, ids: np.ndarray,
                masks: np.ndarray, aug_seed: int) -> tuple[torch.Tensor, dict]:
-        orig = image.shape[:2]
-        keep = nonempty(masks)
-        labels, ids, masks = labels[keep], ids[keep], masks[keep]
-        if self.transform is not None:
-            image, masks, keep = self.transform(image, masks, np.random.default_rng(aug_seed))
-            labels, ids = labels[keep], ids[keep]
+        keep = nonempty(masks)  # instances warped out of view
         image_id = int(self.coco.images[index]["id"])
-        target = {"labels": torch.from_numpy(labels), "masks": torch.from_numpy(masks),
-                  "track_ids": torch.from_numpy(ids), "video_id": -1 - image_id, "frame": t,
-                  "image_id": image_id, "orig_size": tuple(orig), "size": tuple(image.shape[:2])}
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous(), target
+        return clip_frame(image, labels[keep], masks[keep], ids[keep], self.transform, aug_seed,
+                          video_id=-1 - image_id, frame=t, image_id=image_id)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, list[dict]]:
         index, seed = key if isinstance(key, tuple) else (key, None)

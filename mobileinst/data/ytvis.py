@@ -34,6 +34,20 @@ from .transforms import nonempty
 log = logging.getLogger("mobileinst.data")
 
 
+def clip_frame(image: np.ndarray, labels: np.ndarray, masks: np.ndarray, ids: np.ndarray,
+               transform: Transform | None, aug_seed: int | None, **meta) -> tuple[torch.Tensor, dict]:
+    """One frame of a clip, transformed with np.random.default_rng(aug_seed) -> (uint8 (3, H, W),
+    target: labels, masks, track_ids, orig_size, size, plus `meta` (video_id, frame, image_id))."""
+    orig = image.shape[:2]
+    if transform is not None:
+        image, masks, keep = transform(image, masks, np.random.default_rng(aug_seed))
+        labels, ids = labels[keep], ids[keep]
+    target = {"labels": torch.from_numpy(labels), "masks": torch.from_numpy(masks),
+              "track_ids": torch.from_numpy(ids), **meta, "orig_size": tuple(orig),
+              "size": tuple(image.shape[:2])}
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous(), target
+
+
 class YtvisClips(Dataset):
     """A YouTube-VIS json + its JPEGImages folder (see the module docstring).
 
@@ -116,16 +130,9 @@ class YtvisClips(Dataset):
     def frame_item(self, video_index: int, t: int, aug_seed: int | None) -> tuple[torch.Tensor, dict]:
         """One frame, transformed with np.random.default_rng(aug_seed) -> (uint8 (3, H, W), target)."""
         image, labels, masks, ids = self.load_frame(video_index, t)
-        orig = image.shape[:2]
-        if self.transform is not None:
-            image, masks, keep = self.transform(image, masks, np.random.default_rng(aug_seed))
-            labels, ids = labels[keep], ids[keep]
-        video = self.videos[video_index]
-        target = {"labels": torch.from_numpy(labels), "masks": torch.from_numpy(masks),
-                  "track_ids": torch.from_numpy(ids), "video_id": video["id"], "frame": t,
-                  "image_id": video["id"] * 100000 + t, "orig_size": tuple(orig),
-                  "size": tuple(image.shape[:2])}
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous(), target
+        vid = self.videos[video_index]["id"]
+        return clip_frame(image, labels, masks, ids, self.transform, aug_seed,
+                          video_id=vid, frame=t, image_id=vid * 100000 + t)
 
     # -- clips -------------------------------------------------------------------------------------
     def pair(self, index: int, rng: np.random.Generator) -> tuple[int, int, int]:
