@@ -31,15 +31,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # name -> TrainConfig options over the demo preset
+MC = {"mask_pooled_cls": True}  # the preset's model options: local_pool 4 + this
 RUNS = {
     "preset": {},
-    "batch8-pool8": {"batch": 8, "iters": 450, "model_overrides": {"local_pool": 8}},
-    "pool8": {"model_overrides": {"local_pool": 8}},
-    "pool2": {"model_overrides": {"local_pool": 2}},
-    "coords": {"model_overrides": {"local_pool": 4, "mask_coords": True}},
+    "no-maskcls": {"model_overrides": {"local_pool": 4}},
+    "batch8-pool8": {"batch": 8, "iters": 450, "model_overrides": {"local_pool": 8, **MC}},
+    "pool8": {"model_overrides": {"local_pool": 8, **MC}},
+    "pool2": {"model_overrides": {"local_pool": 2, **MC}},
+    "coords": {"model_overrides": {"local_pool": 4, "mask_coords": True, **MC}},
     "lr1e-3": {"lr": 1e-3},
     "queries100": {"num_queries": 100},
     "seed1": {"seed": 1},
+    "ema": {"ema": True, "ema_decay": 0.995},
+    "imgsz320": {"imgsz": 320, "iters": 600, "eval_interval": 300},
 }
 
 

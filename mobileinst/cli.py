@@ -75,6 +75,7 @@ TRAIN_OPTIONS = {  # CLI option -> (type, help); every one maps onto a TrainConf
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .train.config import TrainConfig
+    from .train.dist import env_rank
     from .train.engine import train
     overrides = {k: getattr(args, k) for k in TRAIN_OPTIONS}
     overrides.update(data=args.data, amp=args.amp or None, ema=args.ema or None,
@@ -85,7 +86,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if resume == "auto" and not cfg.out_dir:
         raise MobileInstError("--resume without a path needs --out-dir (the run folder to resume)")
     result = train(cfg, resume=resume)
-    print(f"best val mask AP {result['best_ap']:.4f}; run folder {result['out_dir']}")
+    if env_rank() == 0:  # once, not once per torchrun process
+        print(f"best val mask AP {result['best_ap']:.4f}; run folder {result['out_dir']}")
 
 
 def cmd_val(args: argparse.Namespace) -> None:

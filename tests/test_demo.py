@@ -24,9 +24,9 @@ def test_demo_fast_runs_every_step(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_learns(tmp_path):
-    """The full demo preset learns: mask AP far above an untrained model's (~0.001). The bar sits
-    under the spread seen between seeds (0.15-0.28, README "The demo"), not at the issue's 0.50
-    target, which the preset does not reach yet."""
+    """The full demo preset learns: mask AP near what `make demo` measures (README "The demo").
+    The bar sits below the README's figure by more than the spread seen between seeds and
+    thread counts, since this test runs on one thread and CI's CPU rounds differently."""
     from mobileinst.demo import run_demo
     result = run_demo(tmp_path / "demo")
-    assert result["AP"] >= 0.1, result
+    assert result["AP"] >= 0.4, result

@@ -103,7 +103,7 @@ def torch_raw(model, images: np.ndarray, dtype: torch.dtype = torch.float32) -> 
     x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(dtype)
     with torch.no_grad():
         mask_feats, f_mask, x6 = model.features(x)
-        out = model.instance_decoder(x6, f_mask)
+        out = model.add_pooled_class_logits(model.instance_decoder(x6, f_mask), mask_feats)
     return {"logits": out["pred_logits"].numpy(), "objectness": out["pred_scores"].numpy(),
             "kernels": out["pred_kernels"].numpy(), "mask_features": mask_feats.numpy()}
 
@@ -152,8 +152,17 @@ def check_raw_parity(model, predictor: OnnxPredictor, h: int, w: int, n: int = 1
 def models():
     torch.manual_seed(0)
     img = voc_image()
-    return {n: make_realistic(build_model(f"mobileinst-{n}"), img)
-            for n in ("topformer-t", "seaformer-t", "mobilenetv2")}
+    models = {n: make_realistic(build_model(f"mobileinst-{n}", **kw), img) for n, kw in
+              (("topformer-t", {}), ("seaformer-t", {}), ("mobilenetv2", {"mask_pooled_cls": True}))}
+    m = models["mobilenetv2"]  # its mask-pooled class term (the demo preset's option): std ~1
+    with torch.no_grad():
+        x, _ = preprocess([img], 320, 427)
+        m.mask_class.bias.zero_()
+        before = m.forward_raw(x)["pred_logits"]
+        m.mask_class.weight.normal_()
+        term = m.forward_raw(x)["pred_logits"] - before
+        m.mask_class.weight.div_(term.std())
+    return models
 
 
 @pytest.fixture(scope="module")

@@ -124,3 +124,24 @@ def test_upsample_masks_is_the_plain_recipe_bit_for_bit(padded, size, orig):
     got = upsample_masks(prob, padded, size, orig)
     assert got.shape == (3, *orig)
     assert torch.equal(got, _upsample_reference(prob, padded, size, orig))
+
+
+def test_mask_pooled_class_logits():
+    """mask_pooled_cls adds class evidence pooled under each query's own mask, without letting
+    the class loss move the masks; the option's weights are `mask_class.*`, absent by default."""
+    torch.manual_seed(0)
+    assert not any(k.startswith("mask_class") for k in build_model("mobileinst-topformer-t").state_dict())
+    model = build_model("mobileinst-topformer-t", num_classes=3, num_queries=6, mask_pooled_cls=True).train()
+    with torch.no_grad():
+        model.mask_class.weight.normal_()
+    images = torch.rand(2, 3, 96, 128) * 255
+    out = model.forward_raw(images)
+    mask_feats, f_mask, x6 = model.features(images)
+    dec = model.instance_decoder(x6, f_mask)
+    weight = torch.einsum("bne,bep->bnp", dec["pred_kernels"], mask_feats.flatten(2)).sigmoid()  # (B, N, P)
+    pooled = torch.einsum("bnp,bep->bne", weight, mask_feats.flatten(2)) / (weight.sum(-1, keepdim=True) + 1)
+    expected = dec["pred_logits"] + pooled @ model.mask_class.weight.T + model.mask_class.bias
+    assert torch.allclose(out["pred_logits"], expected, atol=1e-4)
+    out["pred_logits"].sum().backward()
+    assert model.instance_decoder.kernel_head.weight.grad is None  # masks untouched by the class loss
+    assert model.mask_class.weight.grad.abs().sum() > 0

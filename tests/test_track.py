@@ -138,6 +138,23 @@ def test_reuse_k_runs_the_instance_decoder_on_key_frames_only(model):
     assert torch.equal(outs[4].slot_mask_logits, expect)
 
 
+def test_key_frame_classes_include_the_mask_pooled_term():
+    """With mask_pooled_cls the tracker's key-frame class probabilities are the full model's."""
+    torch.manual_seed(1)
+    m = build_model("mobileinst-topformer-t", num_classes=3, num_queries=10, mask_pooled_cls=True).eval()
+    with torch.no_grad():
+        m.mask_class.weight.normal_()
+    vp = VideoPredictor(m, imgsz=64, reuse=1, conf=0.0)
+    image = frames(1)[0]
+    vp.step(image)
+    batch, _ = preprocess([image], 64, vp.max_size)
+    with torch.no_grad():
+        raw = m.forward_raw(batch)
+    perm = torch.from_numpy(match_kernels(vp.kernels, raw["pred_kernels"][0]))
+    probs = (raw["pred_logits"][0].sigmoid() * raw["pred_scores"][0].sigmoid()).sqrt()[perm]
+    assert torch.allclose(vp.class_probs, probs, atol=1e-6)
+
+
 def test_bad_reuse_interval(model):
     with pytest.raises(MobileInstError, match="reuse"):
         VideoPredictor(model, reuse=0)

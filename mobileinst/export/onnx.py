@@ -113,7 +113,7 @@ class ExportGraph(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         mask_feats, f_mask, x6 = self.model.features(images.float())  # (B, E, H/8, W/8), ...
-        out = self.model.instance_decoder(x6, f_mask)
+        out = self.model.add_pooled_class_logits(self.model.instance_decoder(x6, f_mask), mask_feats)
         logits, obj, kernels = out["pred_logits"], out["pred_scores"], out["pred_kernels"]
         if self.postprocess is None:
             return logits, obj, kernels, mask_feats

@@ -39,6 +39,11 @@ class MobileInst(nn.Module):
             num_classes=cfg.num_classes, num_queries=cfg.num_queries, dim=cfg.hidden_dim,
             heads=cfg.num_heads, ffn_dim=cfg.ffn_dim, kernel_dim=cfg.kernel_dim,
             local_pool=cfg.local_pool)
+        # optional: class evidence from the mask features under each query's own mask (README)
+        self.mask_class = nn.Linear(cfg.kernel_dim, cfg.num_classes) if cfg.mask_pooled_cls else None
+        if self.mask_class is not None:
+            nn.init.normal_(self.mask_class.weight, std=0.01)
+            nn.init.zeros_(self.mask_class.bias)
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
         self.inference = InferenceConfig()
@@ -58,11 +63,23 @@ class MobileInst(nn.Module):
         return F.interpolate(m, scale_factor=float(self.cfg.mask_upsample), mode="bilinear",
                              align_corners=False)
 
+    def add_pooled_class_logits(self, out: dict[str, Tensor], mask_feats: Tensor) -> dict[str, Tensor]:
+        """With cfg.mask_pooled_cls, add to out["pred_logits"] (B, N, C) a linear map of M averaged
+        under each query's own stride-8 mask (detached: the class loss does not move the masks).
+        A query's class then sees the object its kernel segments, not only what its attention
+        pooled (README, "The demo"). Every path that decodes instances calls this."""
+        if self.mask_class is None:
+            return out
+        m = mask_feats.flatten(2)  # (B, E, h*w)
+        weight = torch.bmm(out["pred_kernels"], m).sigmoid().detach()  # (B, N, h*w)
+        pooled = torch.bmm(weight, m.transpose(1, 2)) / (weight.sum(-1, keepdim=True) + 1.0)  # (B, N, E)
+        return {**out, "pred_logits": out["pred_logits"] + self.mask_class(pooled)}
+
     def forward_raw(self, images: Tensor) -> dict[str, Tensor]:
         """Raw outputs: pred_logits (B, N, C), pred_scores (B, N, 1), pred_kernels (B, N, E),
         pred_masks (B, N, H/4, W/4) logits."""
         mask_feats, f_mask, x6 = self.features(images)
-        out = self.instance_decoder(x6, f_mask)
+        out = self.add_pooled_class_logits(self.instance_decoder(x6, f_mask), mask_feats)
         out["pred_masks"] = self.masks(out["pred_kernels"], mask_feats)
         return out
 

@@ -89,7 +89,7 @@ class VideoPredictor:
         mask_feats, f_mask, x6 = self.model.features(batch.to(self.device))
         key = self.kernels is None or self.frame - self.last_key >= self.reuse
         if key:
-            self._key_frame(x6, f_mask)
+            self._key_frame(x6, f_mask, mask_feats)
         logits = self.model.masks(self.kernels[None], mask_feats)[0]  # (N, H/4, W/4)
         prob = logits.float().sigmoid()
         if key:
@@ -100,9 +100,9 @@ class VideoPredictor:
         self.frame += 1
         return out
 
-    def _key_frame(self, x6: Tensor, f_mask: Tensor) -> None:
+    def _key_frame(self, x6: Tensor, f_mask: Tensor, mask_feats: Tensor) -> None:
         """Run the instance decoder, put its queries into slot order, keep kernels and classes."""
-        raw = self.model.instance_decoder(x6, f_mask)
+        raw = self.model.add_pooled_class_logits(self.model.instance_decoder(x6, f_mask), mask_feats)
         kernels = raw["pred_kernels"][0]  # (N, E)
         perm = torch.from_numpy(self.tracker.associate(kernels)).to(kernels.device)
         probs = (raw["pred_logits"][0].float().sigmoid() * raw["pred_scores"][0].float().sigmoid()).sqrt()

@@ -36,6 +36,7 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.9999
     crop: bool = False  # SparseInst's "_aug" random crop
+    aspect_grouping: bool = True  # batches of landscape or of portrait images only (train/sampler.py)
     eval_interval: int = 0  # iterations between evaluations; 0 -> once per epoch
     save_interval: int = 0  # iterations between last.pt saves; 0 -> eval_interval
     backbone_weights: str = ""  # official ImageNet checkpoint of the backbone

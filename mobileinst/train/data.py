@@ -56,11 +56,18 @@ def build_train_loader(cfg: TrainConfig, rank: int, world: int) -> tuple[DataLoa
     if cfg.batch % world:
         raise DataError(f"--batch {cfg.batch} does not split evenly over {world} workers")
     per_worker = cfg.batch // world
-    sampler = ResumableSampler(len(dataset), per_worker, cfg.seed, rank, world)
+    groups = aspect_groups(dataset.dataset.images) if cfg.aspect_grouping else None
+    sampler = ResumableSampler(len(dataset), per_worker, cfg.seed, rank, world, groups=groups)
     loader = DataLoader(dataset, batch_size=per_worker, sampler=sampler, num_workers=cfg.workers,
                         collate_fn=collate, drop_last=True, persistent_workers=cfg.workers > 0,
                         generator=torch.Generator().manual_seed(cfg.seed))
     return loader, dataset
+
+
+def aspect_groups(images: list[dict]) -> list[int]:
+    """detectron2's grouping of COCO image entries: 1 if portrait (height > width), else 0. The
+    optional crop can turn an image, a rare case the grouping ignores (padding, not correctness)."""
+    return [int(int(im["height"]) > int(im["width"])) for im in images]
 
 
 def build_val_set(cfg: TrainConfig) -> CocoInstances:

@@ -20,6 +20,11 @@ def world_size() -> int:
     return dist.get_world_size() if is_dist() else 1
 
 
+def env_rank() -> int:
+    """The rank torchrun gave this process (0 without torchrun), valid after the group is gone."""
+    return int(os.environ.get("RANK", 0))
+
+
 def is_main() -> bool:
     return rank() == 0
 
