@@ -127,8 +127,8 @@ def test_upsample_masks_is_the_plain_recipe_bit_for_bit(padded, size, orig):
 
 
 def test_mask_pooled_class_logits():
-    """mask_pooled_cls adds class evidence pooled under each query's own mask, without letting
-    the class loss move the masks; the option's weights are `mask_class.*`, absent by default."""
+    """mask_pooled_cls adds class evidence pooled under each query's own mask, with no class
+    gradient into the kernels; the option's weights are `mask_class.*`, absent by default."""
     torch.manual_seed(0)
     assert not any(k.startswith("mask_class") for k in build_model("mobileinst-topformer-t").state_dict())
     model = build_model("mobileinst-topformer-t", num_classes=3, num_queries=6, mask_pooled_cls=True).train()
@@ -143,5 +143,5 @@ def test_mask_pooled_class_logits():
     expected = dec["pred_logits"] + pooled @ model.mask_class.weight.T + model.mask_class.bias
     assert torch.allclose(out["pred_logits"], expected, atol=1e-4)
     out["pred_logits"].sum().backward()
-    assert model.instance_decoder.kernel_head.weight.grad is None  # masks untouched by the class loss
+    assert model.instance_decoder.kernel_head.weight.grad is None  # no class gradient into the kernels
     assert model.mask_class.weight.grad.abs().sum() > 0

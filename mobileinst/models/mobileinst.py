@@ -65,7 +65,9 @@ class MobileInst(nn.Module):
 
     def add_pooled_class_logits(self, out: dict[str, Tensor], mask_feats: Tensor) -> dict[str, Tensor]:
         """With cfg.mask_pooled_cls, add to out["pred_logits"] (B, N, C) a linear map of M averaged
-        under each query's own stride-8 mask (detached: the class loss does not move the masks).
+        under each query's own stride-8 mask. The mask weights are detached, so the class loss
+        cannot reshape a query's mask (its kernel gets no gradient from here); M, shared by all
+        queries, does get the class gradient.
         A query's class then sees the object its kernel segments, not only what its attention
         pooled (README, "The demo"). Every path that decodes instances calls this."""
         if self.mask_class is None:
