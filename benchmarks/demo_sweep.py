@@ -1,6 +1,7 @@
 """Sweep of the demo's training recipe on the synthetic set: mask AP, and where it is lost.
 
     python benchmarks/demo_sweep.py [--runs preset pool8 ...] [--jobs 2] [--iters N] [--out-dir runs/demo_sweep]
+        [--max-objects M] [--object-size LO HI]
 
 Each named run below is the demo preset (mobileinst/configs/demo.yaml) with a few options changed,
 trained from scratch on `mobileinst data synth` (400 train / 50 val images, seed 0). --jobs runs
@@ -100,13 +101,22 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out-dir", default="runs/demo_sweep")
     ap.add_argument("--iters", type=int, default=None, help="override every run's iterations")
+    ap.add_argument("--max-objects", type=int, default=None, help="synthetic set: objects per image "
+                    "(default: the generator's)")
+    ap.add_argument("--object-size", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="synthetic set: object diameters as fractions of the short side")
     args = ap.parse_args()
 
     from mobileinst.data.synthetic import make_synthetic_coco
     from mobileinst.evaluate.evaluator import validate
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = make_synthetic_coco(out / "data", n_train=400, n_val=50, seed=0)
+    shape = {}  # the synthetic set's difficulty, the generator's defaults unless given
+    if args.max_objects:
+        shape["max_objects"] = args.max_objects
+    if args.object_size:
+        shape["object_size"] = tuple(args.object_size)
+    data = make_synthetic_coco(out / "data", n_train=400, n_val=50, seed=0, **shape)
     threads = max(1, (os.cpu_count() or 2) // args.jobs)
     runs = {n: {**o, **({"iters": args.iters, "eval_interval": args.iters} if args.iters else {})}
             for n, o in RUNS.items()}

@@ -169,6 +169,21 @@ def test_data_yaml_relative_paths_and_errors(tmp_path):
         load_data_config(tmp_path / "bad2.yaml")
 
 
+def test_synthetic_set_difficulty_options(tmp_path):
+    """max_objects and object_size shape the set (the demo sweep's earlier, harder sets)."""
+    def anns(**kw):
+        p = make_synthetic_coco(tmp_path / str(len(list(tmp_path.iterdir()))), n_train=8, n_val=1, **kw)
+        data = json.loads((p.parent / "annotations/instances_train.json").read_text())
+        return data["images"], data["annotations"]
+    images, one = anns(max_objects=1)
+    assert 0 < len(one) <= len(images)
+    assert len({a["image_id"] for a in one}) == len(one)  # at most one object per image
+    images, small = anns(max_objects=1, object_size=(0.1, 0.12))
+    short = {im["id"]: min(im["height"], im["width"]) for im in images}
+    assert all(a["area"] <= (0.12 * short[a["image_id"]]) ** 2 * 1.05 for a in small)  # inside the box
+    assert sum(a["area"] for a in small) < sum(a["area"] for a in one) / 4
+
+
 def test_synthetic_set_is_valid_and_deterministic(tmp_path):
     from pycocotools.coco import COCO
     p1 = make_synthetic_coco(tmp_path / "a", n_train=6, n_val=3, seed=1)

@@ -36,6 +36,7 @@ MIN_PIXELS = 64  # smaller visible parts are not annotated (they do not happen w
 # 10-minute training from scratch reached mask AP 0.33 with 20-45% and up to 6 objects, 0.43 with
 # 30-55% and up to 4, more with up to 3 (README, "The demo"): fewer, larger objects, still
 # occluding each other (same-class neighbours that overlap were the commonest merged masks).
+# `benchmarks/demo_sweep.py --max-objects 6 --object-size 0.2 0.45` trains on the previous set.
 OBJECT_SIZE = (0.3, 0.55)
 MAX_OBJECTS = 3
 
@@ -107,10 +108,11 @@ def rasterise(polys: list[np.ndarray], h: int, w: int) -> np.ndarray:
 
 
 def place_shape(cls: int, h: int, w: int, visible: list[np.ndarray], full: list[np.ndarray],
-                rng: np.random.Generator, tries: int = 30) -> tuple[list[np.ndarray], np.ndarray] | None:
+                rng: np.random.Generator, tries: int = 30, object_size: tuple[float, float] = OBJECT_SIZE
+                ) -> tuple[list[np.ndarray], np.ndarray] | None:
     """A shape fully inside the image that leaves every earlier object >= MIN_VISIBLE visible."""
     for _ in range(tries):
-        r = rng.uniform(*OBJECT_SIZE) * min(h, w) / 2
+        r = rng.uniform(*object_size) * min(h, w) / 2
         margin = r * (1.25 if cls == 2 else 1.2 if cls == 1 else 1.0) + 1
         cx, cy = rng.uniform(margin, w - margin), rng.uniform(margin, h - margin)
         polys = shape_polygons(cls, cx, cy, r, rng.uniform(0, 2 * np.pi), rng.uniform(0.45, 0.65))
@@ -120,7 +122,8 @@ def place_shape(cls: int, h: int, w: int, visible: list[np.ndarray], full: list[
     return None
 
 
-def make_image(h: int, w: int, rng: np.random.Generator, max_objects: int = MAX_OBJECTS
+def make_image(h: int, w: int, rng: np.random.Generator, max_objects: int = MAX_OBJECTS,
+               object_size: tuple[float, float] = OBJECT_SIZE
                ) -> tuple[np.ndarray, list[tuple[int, np.ndarray, list[np.ndarray] | None]]]:
     """One image (h, w, 3) uint8 and its visible instances [(class, mask (h, w) uint8, polygon
     outline if the visible part is the whole hole-free shape else None)], back to front."""
@@ -129,7 +132,7 @@ def make_image(h: int, w: int, rng: np.random.Generator, max_objects: int = MAX_
     classes, visible, full, outlines = [], [], [], []
     for _ in range(int(rng.integers(1, max_objects + 1))):
         cls = int(rng.integers(len(CLASSES)))
-        placed = place_shape(cls, h, w, visible, full, rng)
+        placed = place_shape(cls, h, w, visible, full, rng, object_size=object_size)
         if placed is None:
             continue
         polys, m = placed
@@ -177,7 +180,7 @@ def annotation(ann_id: int, image_id: int, cls: int, mask: np.ndarray,
 
 
 def write_split(root: Path, split: str, n: int, seed: int, size_range: tuple[int, int] = (256, 448),
-                max_objects: int = MAX_OBJECTS) -> Path:
+                max_objects: int = MAX_OBJECTS, object_size: tuple[float, float] = OBJECT_SIZE) -> Path:
     """Write root/split/*.jpg|png and root/annotations/instances_{split}.json; return the json."""
     (root / split).mkdir(parents=True, exist_ok=True)
     split_key = {"train": 0, "val": 1}.get(split, sum(map(ord, split)))
@@ -185,7 +188,7 @@ def write_split(root: Path, split: str, n: int, seed: int, size_range: tuple[int
     for i in range(n):
         rng = np.random.default_rng([seed, split_key, i])
         h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
-        img, instances = make_image(h, w, rng, max_objects)
+        img, instances = make_image(h, w, rng, max_objects, object_size)
         name = f"{split}_{i:05d}.png" if i % 5 == 4 else f"{split}_{i:05d}.jpg"
         params = [cv2.IMWRITE_JPEG_QUALITY, 95] if name.endswith(".jpg") else []
         cv2.imwrite(str(root / split / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), params)
@@ -201,12 +204,13 @@ def write_split(root: Path, split: str, n: int, seed: int, size_range: tuple[int
 
 
 def make_synthetic_coco(out_dir: str | Path, n_train: int = 400, n_val: int = 50, seed: int = 0,
-                        size_range: tuple[int, int] = (256, 448), max_objects: int = MAX_OBJECTS) -> Path:
+                        size_range: tuple[int, int] = (256, 448), max_objects: int = MAX_OBJECTS,
+                        object_size: tuple[float, float] = OBJECT_SIZE) -> Path:
     """Write train/, val/, annotations/instances_{train,val}.json and data.yaml (the DATA format);
     return the yaml's path. Deterministic under `seed`."""
     root = Path(out_dir)
     for split, n in (("train", n_train), ("val", n_val)):
-        write_split(root, split, n, seed, size_range, max_objects)
+        write_split(root, split, n, seed, size_range, max_objects, object_size)
     data = {"train": {"json": "annotations/instances_train.json", "images": "train"},
             "val": {"json": "annotations/instances_val.json", "images": "val"},
             "names": CLASSES}
