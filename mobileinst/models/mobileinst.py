@@ -56,34 +56,50 @@ class MobileInst(nn.Module):
         mask_feats, f_mask = self.mask_decoder(feats)
         return mask_feats, f_mask, feats[3]
 
-    def masks(self, kernels: Tensor, mask_feats: Tensor) -> Tensor:
-        """Kernels (B, N, E) . M (B, E, h, w) -> mask logits (B, N, 2h, 2w) at stride 4."""
+    def mask_logits(self, kernels: Tensor, mask_feats: Tensor) -> Tensor:
+        """Kernels (B, N, E) . M (B, E, h, w) -> mask logits (B, N, h, w) at stride 8."""
         b, e, h, w = mask_feats.shape
-        m = torch.bmm(kernels, mask_feats.flatten(2)).view(b, -1, h, w)  # (B, N, h, w)
-        return F.interpolate(m, scale_factor=float(self.cfg.mask_upsample), mode="bilinear",
+        return torch.bmm(kernels, mask_feats.flatten(2)).view(b, -1, h, w)
+
+    def to_stride4(self, mask_logits: Tensor) -> Tensor:
+        """Stride-8 mask logits (B, N, h, w) -> (B, N, 2h, 2w), bilinear (SparseInst SCALE_FACTOR)."""
+        return F.interpolate(mask_logits, scale_factor=float(self.cfg.mask_upsample), mode="bilinear",
                              align_corners=False)
 
-    def add_pooled_class_logits(self, out: dict[str, Tensor], mask_feats: Tensor) -> dict[str, Tensor]:
+    def masks(self, kernels: Tensor, mask_feats: Tensor) -> Tensor:
+        """Kernels (B, N, E) . M (B, E, h, w) -> mask logits (B, N, 2h, 2w) at stride 4."""
+        return self.to_stride4(self.mask_logits(kernels, mask_feats))
+
+    def add_pooled_class_logits(self, out: dict[str, Tensor], mask_feats: Tensor,
+                                mask_logits: Tensor | None = None) -> dict[str, Tensor]:
         """With cfg.mask_pooled_cls, add to out["pred_logits"] (B, N, C) a linear map of M averaged
-        under each query's own stride-8 mask. The mask weights are detached, so the class loss
-        cannot reshape a query's mask (its kernel gets no gradient from here); M, shared by all
-        queries, does get the class gradient.
+        under each query's own stride-8 mask (`mask_logits`, computed here if not given). The mask
+        weights are detached, so the class loss cannot reshape a query's mask (its kernel gets no
+        gradient from here); M, shared by all queries, does get the class gradient.
         A query's class then sees the object its kernel segments, not only what its attention
         pooled (README, "The demo"). Every path that decodes instances calls this."""
         if self.mask_class is None:
             return out
+        if mask_logits is None:
+            mask_logits = self.mask_logits(out["pred_kernels"], mask_feats)
         m = mask_feats.flatten(2)  # (B, E, h*w)
-        weight = torch.bmm(out["pred_kernels"], m).sigmoid().detach()  # (B, N, h*w)
+        weight = mask_logits.flatten(2).sigmoid().detach()  # (B, N, h*w)
         pooled = torch.bmm(weight, m.transpose(1, 2)) / (weight.sum(-1, keepdim=True) + 1.0)  # (B, N, E)
         return {**out, "pred_logits": out["pred_logits"] + self.mask_class(pooled)}
+
+    def decode(self, heads: dict[str, Tensor], mask_feats: Tensor) -> dict[str, Tensor]:
+        """The instance decoder's heads + M -> raw outputs: class logits (with the pooled term when
+        configured) and pred_masks at stride 4; the kernel . M product is computed once for both."""
+        m8 = self.mask_logits(heads["pred_kernels"], mask_feats)  # (B, N, h, w)
+        out = dict(self.add_pooled_class_logits(heads, mask_feats, m8))
+        out["pred_masks"] = self.to_stride4(m8)
+        return out
 
     def forward_raw(self, images: Tensor) -> dict[str, Tensor]:
         """Raw outputs: pred_logits (B, N, C), pred_scores (B, N, 1), pred_kernels (B, N, E),
         pred_masks (B, N, H/4, W/4) logits."""
         mask_feats, f_mask, x6 = self.features(images)
-        out = self.add_pooled_class_logits(self.instance_decoder(x6, f_mask), mask_feats)
-        out["pred_masks"] = self.masks(out["pred_kernels"], mask_feats)
-        return out
+        return self.decode(self.instance_decoder(x6, f_mask), mask_feats)
 
     def forward(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None,
                 orig_sizes: list[tuple[int, int]] | None = None):

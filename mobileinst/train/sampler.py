@@ -48,8 +48,10 @@ class ResumableSampler(Sampler):
         """The epoch's global order: batches_per_epoch global batches of batch x world indices."""
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         need = self.batches_per_epoch * self.batch * self.world
-        walk = lambda: (torch.randperm(self.n, generator=g) if self.shuffle  # noqa: E731
-                        else torch.arange(self.n)).tolist()
+
+        def walk() -> list[int]:
+            return (torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)).tolist()
+
         if self.groups is None:
             return sum((walk() for _ in range(math.ceil(need / self.n))), [])[:need]
         size, buckets, order = self.batch * self.world, {}, []

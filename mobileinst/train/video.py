@@ -46,12 +46,9 @@ class TemporalQueryPassing(nn.Module):
         mask_feats, f_mask, x6 = self.model.features(images)  # (2B, E, h, w), (2B, D, h, w), (2B, C6, ..)
         dec = self.model.instance_decoder
         q = dec.forward_global(x6[:b])  # (B, N, hidden): frame t's queries
-        out_t = self.model.add_pooled_class_logits(dec.heads(dec.forward_local(q, f_mask[:b])), mask_feats[:b])
-        out_d = self.model.add_pooled_class_logits(dec.heads(dec.forward_local(q, f_mask[b:])),  # passed to
-                                                   mask_feats[b:])  # frame t + d
-        out_t["pred_masks"] = self.model.masks(out_t["pred_kernels"], mask_feats[:b])  # (B, N, H/4, W/4)
-        out_d["pred_masks"] = self.model.masks(out_d["pred_kernels"], mask_feats[b:])
-        return out_t, out_d
+        out_t = self.model.decode(dec.heads(dec.forward_local(q, f_mask[:b])), mask_feats[:b])
+        out_d = self.model.decode(dec.heads(dec.forward_local(q, f_mask[b:])), mask_feats[b:])  # passed to t + d
+        return out_t, out_d  # pred_masks (B, N, H/4, W/4) each
 
 
 class VideoCriterion(nn.Module):
