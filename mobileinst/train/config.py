@@ -15,6 +15,21 @@ import yaml
 from ..errors import MobileInstError
 
 
+PRESETS = Path(__file__).resolve().parent.parent / "configs"  # the package's YAML presets
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def preset_path(path: str | Path) -> Path:
+    """A YAML path as given, or mobileinst/configs/<name>.yaml for a bare preset name."""
+    p = Path(path)
+    if not p.exists() and p.suffix == "" and len(p.parts) == 1 and (PRESETS / f"{p}.yaml").is_file():
+        return PRESETS / f"{p}.yaml"
+    return p
+
+
 @dataclass
 class TrainConfig:
     model: str = "mobileinst-topformer-t"
@@ -33,20 +48,23 @@ class TrainConfig:
     grad_clip: float = 0.0  # max gradient norm; 0 = off (the recipe's default)
     amp: bool = False  # bf16 autocast on CPU, fp16 + GradScaler on CUDA
     channels_last: bool = True  # NHWC weights and batches: ~1.3x faster CPU steps here (README)
+    freeze_backbone_bn: bool = False  # backbone BatchNorm: ImageNet statistics and affine kept (small batches)
     ema: bool = False
     ema_decay: float = 0.9999
     crop: bool = False  # SparseInst's "_aug" random crop
     aspect_grouping: bool = True  # batches of landscape or of portrait images only (train/sampler.py)
     eval_interval: int = 0  # iterations between evaluations; 0 -> once per epoch
     save_interval: int = 0  # iterations between last.pt saves; 0 -> eval_interval
-    backbone_weights: str = ""  # official ImageNet checkpoint of the backbone
+    backbone_weights: str = ""  # 'imagenet' (installed file, models/pretrained.py) or a checkpoint path
     device: str = "auto"  # auto | cpu | cuda
     num_queries: int = 100
     model_overrides: dict = field(default_factory=dict)  # other ModelConfig fields, e.g. {local_pool: 4}
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
-        """A preset file, with non-None overrides applied on top."""
+        """A preset file (or the name of a built-in one: `coco`, `demo`, ...), with non-None
+        overrides applied on top."""
+        path = preset_path(path)
         try:
             values = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as e:

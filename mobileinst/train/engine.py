@@ -29,6 +29,8 @@ from tqdm import tqdm
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..errors import CheckpointError, MobileInstError
 from ..evaluate.evaluator import evaluate_model
+from ..models.pretrained import resolve_backbone_weights
+from ..models.weights import load_backbone_weights
 from ..registry import build_model, get_config
 from ..utils import keep_freed_memory
 from . import dist
@@ -69,6 +71,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def frozen_backbone_norms(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Freeze the backbone's BatchNorm layers (affine and statistics), as detectron2's FrozenBN does
+    for ImageNet backbones: batch statistics of 4 images are noise. Returns them, to be kept in eval
+    mode on every step; the state_dict is unchanged."""
+    norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.requires_grad_(False)
+    return norms
+
+
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """Backbone at lr x backbone_lr_mult; no weight decay on norms, biases, embeddings."""
     groups: dict[tuple[bool, bool], list] = {}
@@ -92,6 +104,9 @@ class Trainer:
         self.cfg = cfg
         if not cfg.data:
             raise MobileInstError("no DATA file given (--data)")
+        # a name ('imagenet') -> its installed, hash-checked file; before any work, so it fails fast
+        backbone_file = (resolve_backbone_weights(cfg.backbone_weights, get_config(cfg.model).backbone)
+                         if cfg.backbone_weights and ckpt is None else None)
         self.out = Path(cfg.out_dir) if cfg.out_dir else dist.broadcast_object(next_run_dir())
         cfg.out_dir = str(self.out)
         self._seed_everything(cfg.seed + dist.rank())
@@ -111,10 +126,11 @@ class Trainer:
                                  num_queries=cfg.num_queries, **cfg.model_overrides
                                  ).to(self.device, memory_format=self.memory_format)
         self.model_cfg = self.model.cfg
-        if cfg.backbone_weights and ckpt is None:
-            from ..models.weights import load_backbone_weights
-            report = load_backbone_weights(self.model, cfg.backbone_weights)
-            self._log(f"backbone weights: {report}")
+        if backbone_file is not None:
+            self.weights_report = f"backbone weights: {load_backbone_weights(self.model, backbone_file)}"
+        else:
+            self.weights_report = "backbone weights: none (random initialisation)" if ckpt is None else ""
+        self.frozen_bn = frozen_backbone_norms(self.model) if cfg.freeze_backbone_bn else []
         self.criterion = MobileInstCriterion(HungarianMatcher(), num_classes=len(self.class_names))
         self.video = getattr(self.train_set, "is_video", False)
         net, self.loss_fn = self.model, self.criterion
@@ -216,6 +232,8 @@ class Trainer:
                   f"{self.device} x{dist.world_size()}: {len(self.train_set)} train / "
                   f"{len(self.val_set)} val images, {self.total} iterations "
                   f"({self.bpe} per epoch), batch {self.cfg.batch}, run folder {self.out}")
+        if self.weights_report:  # in train.log too, which exists only from here on
+            self._log(self.weights_report)
         bar = tqdm(total=self.total, initial=self.iteration, disable=not dist.is_main(),
                    desc="train", dynamic_ncols=True)
         t0 = time.time()
@@ -240,6 +258,8 @@ class Trainer:
     def step(self, images: torch.Tensor, targets: list[dict]) -> dict[str, float]:
         """One optimisation step; returns the (worker-averaged) loss values."""
         self.ddp.train()
+        for bn in self.frozen_bn:  # frozen BN: running statistics stay the pretrained ones
+            bn.eval()
         images = images.to(self.device, memory_format=self.memory_format, non_blocking=True)
         targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()}
                    for t in targets]

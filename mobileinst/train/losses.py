@@ -8,6 +8,8 @@ Source: spec training.md §2 and §9.3 (hustvl/SparseInst `loss.py` L51-203, wei
   loss_obj  BCE-with-logits of the objectness of matched queries against the detached mask
             IoU (pred sigmoid >= 0.4, target > 0.5), mean over matched queries           weight 1.0
 num_instances = GT instances in the batch, summed over workers / world size, at least 1 (DETR).
+With deep supervision (ModelConfig.aux_loss) every entry of outputs["aux_outputs"] is matched and
+scored the same way and its weighted sum is added as loss_aux (DETR's auxiliary decoding losses).
 Everything is computed in fp32 with autocast off. A batch without any GT gives mask terms
 `pred.sum() * 0` (graph kept, gradient 0) while the focal loss still pushes every query to background.
 """
@@ -87,6 +89,9 @@ class MobileInstCriterion(nn.Module):
                                                   self.focal_gamma) / n_inst}
             losses.update(self.mask_losses(pred_masks, objectness, tgt_masks, indices, n_inst))
             losses = {k: v * self.weights[k] for k, v in losses.items()}
+            for aux in outputs.get("aux_outputs", []):  # deep supervision: own matching, same weights
+                aux_losses = self.forward(aux, targets, n_inst)
+                losses["loss_aux"] = losses.get("loss_aux", 0.0) + aux_losses["loss"]
             losses["loss"] = sum(losses.values())
         return losses
 
