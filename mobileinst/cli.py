@@ -126,7 +126,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
-    run_demo(args.out, fast=args.fast)
+    run_demo(args.out, fast=args.fast, seed=args.seed)
 
 
 # -- the parser ----------------------------------------------------------------------------------
@@ -215,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline demo: synthetic data -> train -> val -> predict")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--fast", action="store_true", help="a few iterations only (a smoke test)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (the data set stays the same)")
     p.set_defaults(func=cmd_demo)
     return parser
 

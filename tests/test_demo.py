@@ -13,7 +13,7 @@ def test_demo_fast_runs_every_step(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--fast", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "mask AP on the synthetic val split" in text and "video mask AP" in text
+    assert "mask AP on the hard synthetic val split" in text and "tracked overlay video" in text
     assert (out / "train" / "weights" / "best.pt").is_file()
     assert (out / "train" / "results.csv").is_file()
     results = json.loads((out / "val_results.json").read_text())
@@ -24,9 +24,9 @@ def test_demo_fast_runs_every_step(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_learns(tmp_path):
-    """The full demo preset learns: mask AP near what `make demo` measures (README "The demo").
-    The bar sits below the README's figure by more than the spread seen between seeds and
-    thread counts, since this test runs on one thread and CI's CPU rounds differently."""
+    """The full demo learns: mask AP well above the from-scratch 0.005 (README "The demo": 0.218 and
+    0.248 for seeds 1, 2). The bar is below the worst measured seed; it guards learning, not the target.
+    This test runs on one thread and CI's CPU rounds differently from the measuring machine."""
     from mobileinst.demo import run_demo
     result = run_demo(tmp_path / "demo")
-    assert result["AP"] >= 0.4, result
+    assert result["AP"] >= 0.15, result

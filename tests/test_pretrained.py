@@ -71,24 +71,27 @@ def test_imagenet_for_a_backbone_without_an_installable_file_says_where_to_downl
     assert resolve_backbone_weights("some/file.pth", "topformer-t") == Path("some/file.pth")
 
 
-def _final_loss(run: Path) -> float:
-    rows = list(csv.DictReader(open(run / "results.csv")))
-    return float(rows[-1]["loss"])  # the training loss averaged over the last interval
+def _final_losses(run: Path) -> dict[str, float]:
+    row = list(csv.DictReader(open(run / "results.csv")))[-1]  # losses averaged over the last interval
+    return {k: float(row[k]) for k in ("loss", "loss_dice")}
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_pretrained_backbone_lowers_the_loss_more_than_scratch(tmp_path, seed):
-    # the same short run twice, only the backbone's start differs: the ImageNet features must
-    # give a lower training loss over iterations 41-60 than random ones
+    # The same short run twice, only the backbone's start differs (hard_cpu's learning rates):
+    # over iterations 81-120 the ImageNet start must give a lower mask (dice) loss than the random
+    # one. The dice term is the one the backbone's features decide; at this length the total is
+    # dominated by the focal term pushing every query to background, which both starts learn alike
+    # (measured, seeds 0-2: dice 1.49 / 1.31 / 1.56 pretrained vs 1.67 / 1.66 / 1.69 scratch).
     data = make_hard_coco(tmp_path / "d", n_train=24, n_val=1, seed=seed)
     common = dict(data=str(data), model="mobileinst-mobilenetv2", imgsz=160, batch=2, workers=0,
-                  lr=5e-4, backbone_lr_mult=1.0, warmup_iters=5, iters=60, eval_interval=20,
+                  lr=1e-3, backbone_lr_mult=0.1, warmup_iters=10, iters=120, eval_interval=40,
                   num_queries=10, seed=seed, aspect_grouping=False)
     losses = {}
     for name, weights in (("scratch", ""), ("imagenet", "imagenet")):
         train(TrainConfig(out_dir=str(tmp_path / name), backbone_weights=weights, **common))
-        losses[name] = _final_loss(tmp_path / name)
-    assert losses["imagenet"] < losses["scratch"], losses
+        losses[name] = _final_losses(tmp_path / name)
+    assert losses["imagenet"]["loss_dice"] < losses["scratch"]["loss_dice"], losses
     shutil.rmtree(tmp_path / "d")
 
 
