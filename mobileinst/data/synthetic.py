@@ -190,18 +190,37 @@ def write_split(root: Path, split: str, n: int, seed: int, size_range: tuple[int
         rng = np.random.default_rng([seed, split_key, i])
         h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
         img, instances = make_image(h, w, rng, max_objects, object_size)
-        name = f"{split}_{i:05d}.png" if i % 5 == 4 else f"{split}_{i:05d}.jpg"
-        params = [cv2.IMWRITE_JPEG_QUALITY, 95] if name.endswith(".jpg") else []
-        cv2.imwrite(str(root / split / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), params)
-        images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
+        images.append({"id": i + 1, "file_name": save_image(root / split, split, i, img), "height": h, "width": w})
         for cls, m, outline in instances:
             anns.append(annotation(len(anns) + 1, i + 1, cls + 1, m, outline))
     cats = [{"id": k + 1, "name": c, "supercategory": "shape"} for k, c in enumerate(CLASSES)]
-    path = root / "annotations" / f"instances_{split}.json"
+    return write_coco_json(root / "annotations" / f"instances_{split}.json",
+                           f"mobileinst synthetic shapes, seed {seed}", images, anns, cats)
+
+
+def save_image(folder: Path, split: str, i: int, img: np.ndarray) -> str:
+    """Write RGB image i of a split as JPEG (every fifth as PNG) into folder; return its file name."""
+    name = f"{split}_{i:05d}.png" if i % 5 == 4 else f"{split}_{i:05d}.jpg"
+    params = [cv2.IMWRITE_JPEG_QUALITY, 95] if name.endswith(".jpg") else []
+    cv2.imwrite(str(folder / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), params)
+    return name
+
+
+def write_coco_json(path: Path, description: str, images: list[dict], anns: list[dict],
+                    cats: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"info": {"description": f"mobileinst synthetic shapes, seed {seed}"},
+    path.write_text(json.dumps({"info": {"description": description},
                                 "images": images, "annotations": anns, "categories": cats}))
     return path
+
+
+def write_data_yaml(root: Path, names: list[str]) -> Path:
+    """root/data.yaml pointing at the train/val splits written by write_split."""
+    data = {"train": {"json": "annotations/instances_train.json", "images": "train"},
+            "val": {"json": "annotations/instances_val.json", "images": "val"},
+            "names": names}
+    (root / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return root / "data.yaml"
 
 
 def make_synthetic_coco(out_dir: str | Path, n_train: int = 400, n_val: int = 50, seed: int = 0,
@@ -212,8 +231,4 @@ def make_synthetic_coco(out_dir: str | Path, n_train: int = 400, n_val: int = 50
     root = Path(out_dir)
     for split, n in (("train", n_train), ("val", n_val)):
         write_split(root, split, n, seed, size_range, max_objects, object_size)
-    data = {"train": {"json": "annotations/instances_train.json", "images": "train"},
-            "val": {"json": "annotations/instances_val.json", "images": "val"},
-            "names": CLASSES}
-    (root / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    return root / "data.yaml"
+    return write_data_yaml(root, CLASSES)

@@ -24,14 +24,13 @@ before any recipe was trained on it.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import cv2
 import numpy as np
-import yaml
 
-from .synthetic import annotation, colour_unlike, rasterise, texture
+from .synthetic import (annotation, colour_unlike, rasterise, save_image, texture, write_coco_json,
+                        write_data_yaml)
 
 CLASSES = ["circle", "square", "triangle", "ring", "cross"]
 CATEGORY_IDS = [3, 7, 8, 15, 42]
@@ -168,18 +167,12 @@ def write_split(root: Path, split: str, n: int, seed: int, size_range: tuple[int
         rng = np.random.default_rng([seed, 7, split_key, i])  # 7: never the first set's draws
         h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
         img, instances = make_image(h, w, rng, max_objects, object_size)
-        name = f"{split}_{i:05d}.png" if i % 5 == 4 else f"{split}_{i:05d}.jpg"
-        params = [cv2.IMWRITE_JPEG_QUALITY, 95] if name.endswith(".jpg") else []
-        cv2.imwrite(str(root / split / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), params)
-        images.append({"id": 1000 + i, "file_name": name, "height": h, "width": w})
+        images.append({"id": 1000 + i, "file_name": save_image(root / split, split, i, img), "height": h, "width": w})
         for cls, m, iscrowd in instances:
             anns.append(annotation(len(anns) + 1, 1000 + i, CATEGORY_IDS[cls], m, None, iscrowd))
     cats = [{"id": k, "name": c, "supercategory": "shape"} for k, c in zip(CATEGORY_IDS, CLASSES)]
-    path = root / "annotations" / f"instances_{split}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"info": {"description": f"mobileinst hard synthetic shapes, seed {seed}"},
-                                "images": images, "annotations": anns, "categories": cats}))
-    return path
+    return write_coco_json(root / "annotations" / f"instances_{split}.json",
+                           f"mobileinst hard synthetic shapes, seed {seed}", images, anns, cats)
 
 
 def make_hard_coco(out_dir: str | Path, n_train: int = 400, n_val: int = 100, seed: int = 0,
@@ -189,8 +182,4 @@ def make_hard_coco(out_dir: str | Path, n_train: int = 400, n_val: int = 100, se
     root = Path(out_dir)
     for split, n in (("train", n_train), ("val", n_val)):
         write_split(root, split, n, seed, size_range, max_objects, object_size)
-    data = {"train": {"json": "annotations/instances_train.json", "images": "train"},
-            "val": {"json": "annotations/instances_val.json", "images": "val"},
-            "names": CLASSES}
-    (root / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    return root / "data.yaml"
+    return write_data_yaml(root, CLASSES)
