@@ -2,22 +2,31 @@
 
 A checkpoint is a dict: `model` (state_dict), `model_config` (ModelConfig fields), `class_names`,
 `cat_ids` (contiguous label -> dataset category id), and for training runs `ema`, `optimizer`,
-`scheduler`, `scaler`, `iteration`, `epoch`, `best_ap`, `rng`, `train_config`.
+`scheduler`, `scaler`, `iteration`, `epoch`, `best_ap`, `rng`, `train_config`, `meter`.
+
+Reading never runs code: `torch.load(weights_only=True)` takes tensors and plain Python values
+only (format 2 stores the NumPy RNG state as a tensor). Format-1 files pickled NumPy's RNG state as
+an ndarray, so NumPy's array reconstruction (and nothing else) is also allowed; a file that asks
+for any other global is refused with one line.
 """
 from __future__ import annotations
 
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import CheckpointError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: RNG state as tensors / plain values (loads with weights_only=True)
+# What a format-1 file's pickled NumPy RNG state needs; array reconstruction runs no user code.
+_NP_CORE = getattr(np, "_core", None) or np.core  # NumPy 2 renamed np.core
+LEGACY_NUMPY_GLOBALS = [_NP_CORE.multiarray._reconstruct, np.ndarray, np.dtype,
+                        type(np.dtype(np.uint32))]
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -45,14 +54,32 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        with torch.serialization.safe_globals(LEGACY_NUMPY_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # a global outside the allow-list: code, or a foreign object
+        raise CheckpointError(f"{path}: refused: the file asks to run or build Python objects "
+                              f"({_unsafe_globals(path)}); mobileinst checkpoints hold tensors and "
+                              "plain values only, so this file was not written by mobileinst or was "
+                              "tampered with") from None
+    except Exception as e:  # noqa: BLE001 - torch.load on garbage raises KeyError, RuntimeError, ...
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise CheckpointError(f"{path}: not a mobileinst checkpoint (no 'model' / 'model_config'; "
                               "an official backbone file goes to --backbone-weights instead)")
+    version = ckpt.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {version!r} is newer than this mobileinst "
+                              f"reads (format {FORMAT_VERSION}): upgrade mobileinst to load it")
     return ckpt
+
+
+def _unsafe_globals(path: Path) -> str:
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # noqa: BLE001 - only used to word the message
+        return "unknown globals"
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def model_from_checkpoint(path: str | Path, use_ema: bool = True):
@@ -79,6 +106,20 @@ def model_from_checkpoint(path: str | Path, use_ema: bool = True):
             f"{path}: weights do not fit {cfg.name}: {len(result.missing_keys)} missing "
             f"(e.g. {result.missing_keys[:3]}), {len(result.unexpected_keys)} unexpected "
             f"(e.g. {result.unexpected_keys[:3]})")
-    model.class_names = list(ckpt.get("class_names") or [str(i) for i in range(cfg.num_classes)])
-    model.cat_ids = list(ckpt.get("cat_ids") or range(1, cfg.num_classes + 1))
+    model.class_names = _per_class(path, ckpt, "class_names", cfg.num_classes,
+                                   [str(i) for i in range(cfg.num_classes)])
+    model.cat_ids = _per_class(path, ckpt, "cat_ids", cfg.num_classes, list(range(1, cfg.num_classes + 1)))
     return model.eval(), ckpt
+
+
+def _per_class(path: Path, ckpt: dict, key: str, n: int, default: list) -> list:
+    """ckpt[key] (one entry per class) or the default; a list of the wrong length is refused."""
+    values = ckpt.get(key)
+    if not values:
+        return default
+    if not isinstance(values, (list, tuple)):
+        raise CheckpointError(f"{path}: '{key}' must be a list, got {type(values).__name__}")
+    if len(values) != n:
+        raise CheckpointError(f"{path}: '{key}' has {len(values)} entries but the model has {n} "
+                              "classes (an edited or mixed-up checkpoint)")
+    return list(values)

@@ -30,7 +30,13 @@ def cmd_models(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     from .profile import summarize
     from .registry import build_model, get_config
+    from .utils import IMGSZ_RANGE, check_range
     get_config(args.model)  # clear error for an unknown name before building anything
+    if len(args.imgsz) > 2:
+        raise MobileInstError(f"--imgsz takes S or H W, got {len(args.imgsz)} numbers")
+    for v in args.imgsz:
+        check_range("--imgsz", v, *IMGSZ_RANGE)
+    check_range("--num-classes", args.num_classes, 1, 100000)
     model = build_model(args.model, num_classes=args.num_classes)
     print(summarize(model, tuple(args.imgsz) if len(args.imgsz) == 2 else args.imgsz[0]).format())
 
@@ -38,6 +44,10 @@ def cmd_info(args: argparse.Namespace) -> None:
 # -- data --------------------------------------------------------------------------------------
 def cmd_data(args: argparse.Namespace) -> None:
     if args.data_command == "synth":
+        from .utils import check_output_dir, check_range
+        check_output_dir(args.out, "dataset folder (--out)")
+        check_range("--n-train", args.n_train, 1, 10**6)
+        check_range("--n-val", args.n_val, 1, 10**6)
         if args.video and args.preset != "demo":
             raise MobileInstError(f"--preset {args.preset} has no video version; drop --video or --preset")
         if args.video:
@@ -53,6 +63,8 @@ def cmd_data(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
     elif args.data_command == "voc2coco":
         from .data.voc import voc_to_coco
+        from .utils import check_output_file
+        check_output_file(args.out, "COCO json (--out)")
         print(f"wrote {voc_to_coco(args.voc_root, args.out, split=args.split)}")
 
 
@@ -60,7 +72,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 TRAIN_OPTIONS = {  # CLI option -> (type, help); every one maps onto a TrainConfig field
     "model": (str, "variant name (see `mobileinst models`)"),
     "out_dir": (str, "run folder (default runs/train/expN)"),
-    "iters": (int, "total iterations (overrides --epochs)"),
+    "iters": (int, "total iterations (overrides --epochs); with --resume, a larger value extends the run"),
     "epochs": (int, "epochs (default 12)"),
     "imgsz": (int, "largest training short side and the evaluation size (default 640)"),
     "batch": (int, "images per iteration over all workers (default 16)"),
@@ -73,7 +85,7 @@ TRAIN_OPTIONS = {  # CLI option -> (type, help); every one maps onto a TrainConf
     "eval_interval": (int, "iterations between evaluations (default: once per epoch)"),
     "save_interval": (int, "iterations between last.pt saves (default: the eval interval)"),
     "backbone_weights": (str, "'imagenet' (MobileNetV2: the installed torchvision file, sha256-checked) or the path of an official ImageNet checkpoint (loaded strictly)"),
-    "device": (str, "auto | cpu | cuda"),
+    "device": (str, "auto | cpu | cuda | cuda:N (default auto: CUDA when available)"),
     "num_queries": (int, "instance queries N = max instances per image (default 100)"),
 }
 
@@ -83,8 +95,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train.dist import env_rank
     from .train.engine import train
     overrides = {k: getattr(args, k) for k in TRAIN_OPTIONS}
+    if args.iters is not None and args.iters < 1:
+        raise MobileInstError(f"--iters must be >= 1, got {args.iters} (leave it out to train --epochs)")
     overrides.update(data=args.data, amp=args.amp or None, ema=args.ema or None,
-                     crop=args.crop or None, freeze_backbone_bn=args.freeze_backbone_bn or None)
+                     crop=args.crop or None, freeze_backbone_bn=args.freeze_backbone_bn or None,
+                     exist_ok=args.exist_ok or None)
     cfg = (TrainConfig.from_yaml(args.cfg, **overrides) if args.cfg else
            TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None}))
     resume = args.resume
@@ -142,8 +157,12 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--crop", action="store_true", help="SparseInst's random-crop augmentation")
     p.add_argument("--freeze-backbone-bn", action="store_true",
                    help="keep the pretrained backbone's BatchNorm statistics and affine fixed (small batches)")
+    p.add_argument("--exist-ok", action="store_true",
+                   help="let a fresh run replace the run already in --out-dir (default: refuse)")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from PATH (last.pt or a run folder); alone: the --out-dir run")
+                   help="resume from PATH (last.pt or a run folder); alone: the --out-dir run. "
+                        "The run keeps its recipe; only --iters/--epochs (to extend it), intervals, "
+                        "--workers and --device may change")
     p.set_defaults(func=cmd_train)
 
 
@@ -158,21 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="parameters and GFLOPs of a variant, per part")
     p.add_argument("model", help="variant name (see `mobileinst models`)")
     p.add_argument("--imgsz", type=int, nargs="+", default=[640], help="S or H W (default 640)")
-    p.add_argument("--num-classes", type=int, default=80)
+    p.add_argument("--num-classes", type=int, default=80, help="classes of the heads (default 80)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("data", help="make or convert datasets")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     s = dsub.add_parser("synth", help="write the synthetic COCO-format (or --video YouTube-VIS) set")
-    s.add_argument("--out", default="demo_data/synth")
+    s.add_argument("--out", default="demo_data/synth", help="folder to write (default demo_data/synth)")
     s.add_argument("--video", action="store_true", help="YouTube-VIS clips instead of images")
     s.add_argument("--preset", choices=("demo", "hard"), default="demo",
                    help="demo: 3 colour-coded classes, 1-3 large objects (data/synthetic.py); hard: 5 "
                         "shape-only classes, textures, 0-8 objects of mixed sizes, occlusion, crowd "
                         "(data/synthetic_hard.py)")
-    s.add_argument("--n-train", type=int, default=None)
-    s.add_argument("--n-val", type=int, default=None)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n-train", type=int, default=None, help="training images/videos (default: the preset's)")
+    s.add_argument("--n-val", type=int, default=None, help="validation images/videos (default: the preset's)")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the generator (default 0)")
     s = dsub.add_parser("voc2coco", help="Pascal VOC / SBD instance masks -> COCO json")
     s.add_argument("--voc-root", required=True, help="folder with JPEGImages, SegmentationObject, SegmentationClass")
     s.add_argument("--out", required=True, help="COCO json to write")
@@ -183,19 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("val", help="mask AP of a checkpoint on the DATA file's val split")
     p.add_argument("--weights", required=True, help="a .pt checkpoint (or .onnx with --backend onnxruntime)")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help="DATA yaml; its val split is evaluated")
     p.add_argument("--out", default=None, help="write the COCO results json here")
     p.add_argument("--imgsz", type=int, default=None, help="default: the checkpoint's training size")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch", type=int, default=4, help="images per forward pass (default 4)")
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes (default 2)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     add_backend_option(p)
     p.set_defaults(func=cmd_val)
 
     p = sub.add_parser("eval", help="evaluate any COCO (or --video YouTube-VIS) results file")
-    p.add_argument("--gt", required=True)
-    p.add_argument("--results", required=True)
-    p.add_argument("--video", action="store_true")
+    p.add_argument("--gt", required=True, help="ground-truth annotation json (COCO or YouTube-VIS)")
+    p.add_argument("--results", required=True, help="results json (COCO results list, or YouTube-VIS)")
+    p.add_argument("--video", action="store_true", help="YouTube-VIS video mask AP instead of COCO")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="overlays + json for an image, a folder or a glob")
@@ -213,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
 
     p = sub.add_parser("demo", help="offline demo: synthetic data -> train -> val -> predict")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", help="folder for the demo's data and runs (default runs/demo)")
     p.add_argument("--fast", action="store_true", help="a few iterations only (a smoke test)")
     p.add_argument("--seed", type=int, default=0, help="training seed (the data set stays the same)")
     p.set_defaults(func=cmd_demo)

@@ -1,4 +1,5 @@
 """Training end to end on a tiny synthetic set: run folder, val round trip, resume, bad input."""
+import csv
 import json
 import os
 import signal
@@ -98,6 +99,12 @@ def test_kill_and_resume_gives_the_same_weights(data, tmp_path):
     assert all(torch.equal(full[k], resumed[k]) for k in full), "resumed run diverged"
     rows = (killed / "results.csv").read_text().strip().splitlines()
     assert len(rows) == 2  # header + the final evaluation, no duplicates
+    assert _logged_losses(killed) == _logged_losses(tmp_path / "full")  # running means carried over
+
+
+def _logged_losses(run: Path) -> dict[str, str]:
+    row = list(csv.DictReader(open(run / "results.csv")))[-1]
+    return {k: v for k, v in row.items() if k.startswith("loss")}
 
 
 def test_ddp_two_processes_gloo(data, tmp_path):

@@ -103,13 +103,19 @@ def validate(weights: str, data: str, out: str | None = None, imgsz: int | None 
     from ..data.config import load_data_config
     from ..data.transforms import EvalTransform
     from ..errors import DataError
+    from ..utils import IMGSZ_RANGE, check_output_file, check_range, resolve_device
 
+    check_range("--batch", batch, 1, 4096)
+    check_range("--workers", workers, 0, 256)
+    check_range("--imgsz", imgsz, *IMGSZ_RANGE)
+    check_range("--threads", threads, 1, 1024)
+    dev = resolve_device(device)
+    if out:
+        check_output_file(out, "results json (--out)")
     if backend == "onnxruntime":
         return validate_onnxruntime(weights, data, out, imgsz, threads)
     if threads:
         torch.set_num_threads(threads)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
     model, ckpt = model_from_checkpoint(weights)
     cfg = load_data_config(data)
     imgsz = imgsz or (ckpt.get("train_config") or {}).get("imgsz", 640)

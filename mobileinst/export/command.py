@@ -88,6 +88,7 @@ def default_out(args: argparse.Namespace) -> Path:
 def run(args: argparse.Namespace) -> None:
     """Run `mobileinst export`."""
     from .onnx import export_onnx, parse_imgsz
+    check_export_options(args)
     if args.int8 and not args.calib:
         raise MobileInstError("--int8 needs --calib: a folder of real images or a DATA yaml")
     if args.int8 and args.format != "onnx":
@@ -115,6 +116,19 @@ def run(args: argparse.Namespace) -> None:
         from .quantize import quantize_int8
         q = quantize_int8(path, path.with_name(path.stem + "-int8.onnx"), args.calib, n=args.calib_n)
         print(f"wrote {q} (int8, calibrated on up to {args.calib_n} images of {args.calib})")
+
+
+def check_export_options(args: argparse.Namespace) -> None:
+    """Sizes, counts and the output path, before a model is loaded."""
+    from ..utils import IMGSZ_RANGE, check_output_dir, check_output_file, check_range
+    for v in args.imgsz or []:
+        check_range("--imgsz", v, *IMGSZ_RANGE)
+    check_range("--batch", args.batch, 1, 1024)
+    check_range("--max-det", args.max_det, 1, 1000)
+    check_range("--calib-n", args.calib_n, 1, 100000)
+    check_range("--num-classes", args.num_classes, 1, 100000)
+    if args.out:  # ncnn writes a folder, the others a file
+        (check_output_dir if args.format == "ncnn" else check_output_file)(args.out, "export output (--out)")
 
 
 def describe(path: str | Path) -> str:

@@ -6,6 +6,8 @@ iterations, lr x 0.1 at 210/270 and 250/270 of the run, short side 416..640, lon
 """
 from __future__ import annotations
 
+import difflib
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     num_queries: int = 100
     model_overrides: dict = field(default_factory=dict)  # other ModelConfig fields, e.g. {local_pool: 4}
+    exist_ok: bool = False  # a fresh run may take over a folder that holds a run (its files removed)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
@@ -77,11 +80,77 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "options") -> "TrainConfig":
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise MobileInstError(f"{source}: unknown training option(s) {unknown}; "
-                                  f"known: {sorted(known)}")
-        return cls(**values)
+        for key in sorted(set(values) - known):
+            close = difflib.get_close_matches(key, known, n=1)
+            raise MobileInstError(f"{source}: unknown training option {key!r}"
+                                  + (f"; did you mean {close[0]!r}?" if close else
+                                     f"; known: {', '.join(sorted(known))}"))
+        cfg = cls(**{k: _typed(source, k, v, cls.__dataclass_fields__[k].type) for k, v in values.items()})
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "options") -> None:
+        """Ranges of every numeric option; MobileInstError naming the option before any work."""
+        for name, low, high in LIMITS:
+            v = getattr(self, name)
+            if not (math.isfinite(v) and low <= v <= high):
+                raise MobileInstError(f"{source}: {name} must be in [{low}, {high}], got {v!r}")
+        for name in ("lr", "ema_decay"):
+            if getattr(self, name) <= 0:
+                raise MobileInstError(f"{source}: {name} must be > 0, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# (option, lowest, highest) accepted. imgsz: the network needs 32 px (stride 32); above 4096 a
+# single image's activations outgrow any machine this targets (10000 px ran out after a minute).
+LIMITS = [("iters", 0, 10**9), ("epochs", 1, 10**6), ("imgsz", 32, 4096), ("batch", 1, 4096),
+          ("workers", 0, 256), ("lr", 0, 1), ("weight_decay", 0, 1), ("backbone_lr_mult", 0, 10),
+          ("warmup_iters", 0, 10**9), ("grad_clip", 0, 1e6), ("ema_decay", 0, 1),
+          ("eval_interval", 0, 10**9), ("save_interval", 0, 10**9), ("num_queries", 1, 1000)]
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,)}
+
+
+def _typed(source: str, key: str, value: Any, type_name: str) -> Any:
+    """value if it has the field's type (an int where a float is due becomes a float), else a
+    MobileInstError naming the option (YAML `batch: two`, `amp: "yes"`)."""
+    ok = _TYPES[str(type_name)]
+    if isinstance(value, bool) and bool not in ok or not isinstance(value, ok):
+        names = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+                 "dict": "a mapping"}
+        raise MobileInstError(f"{source}: {key} must be {names[str(type_name)]}, got {value!r}")
+    return float(value) if str(type_name) == "float" else value
+
+
+# What `--resume` may change: how long the run goes on and how it is watched, not what it learns.
+RESUME_MAY_CHANGE = {"iters", "epochs", "eval_interval", "save_interval", "workers", "device",
+                     "out_dir", "exist_ok"}
+
+
+def resumed_config(saved: dict[str, Any], given: TrainConfig, source: str) -> TrainConfig:
+    """The configuration of a resumed run: the checkpoint's own, with the user's changes to
+    RESUME_MAY_CHANGE applied (a longer --iters/--epochs extends the schedule). Any other option
+    set to a different value, a different --model or --data included, is refused."""
+    saved = {**saved, "iters": saved.get("iters") or 0}
+    default = TrainConfig()
+    for f in fields(TrainConfig):
+        new, old = getattr(given, f.name), saved.get(f.name, getattr(default, f.name))
+        if new == getattr(default, f.name) or new == old or f.name in RESUME_MAY_CHANGE:
+            continue
+        if f.name == "data" and _same_file(new, old):
+            continue
+        raise MobileInstError(f"{source}: the run was trained with {f.name}={old!r}, not {new!r}; "
+                              "--resume continues a run as it was (it may change only "
+                              f"{', '.join(sorted(RESUME_MAY_CHANGE))}); start a new run instead")
+    changes = {k: getattr(given, k) for k in RESUME_MAY_CHANGE
+               if getattr(given, k) != getattr(default, k)}
+    return TrainConfig.from_dict({**saved, **changes}, source=source)
+
+
+def _same_file(a: str, b: str) -> bool:
+    pa, pb = Path(a), Path(b)
+    try:
+        return pa.resolve() == pb.resolve() or pa.read_bytes() == pb.read_bytes()
+    except OSError:
+        return False

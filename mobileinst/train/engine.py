@@ -32,13 +32,14 @@ from ..evaluate.evaluator import evaluate_model
 from ..models.pretrained import resolve_backbone_weights
 from ..models.weights import load_backbone_weights
 from ..registry import build_model, get_config
-from ..utils import keep_freed_memory
+from ..utils import check_output_dir, keep_freed_memory, resolve_device
 from . import dist
-from .config import TrainConfig
+from .config import TrainConfig, resumed_config
 from .data import build_train_loader, build_val_set
 from .ema import ModelEMA
 from .losses import MobileInstCriterion
 from .matcher import HungarianMatcher
+from .run_dir import RunLock, claim_new_run_dir, clear_run, holds_run, remove_stale_temporaries
 from .schedule import build_scheduler
 
 log = logging.getLogger("mobileinst.train")
@@ -46,18 +47,12 @@ CSV_FIELDS = ["iteration", "epoch", "lr", "loss", "loss_cls", "loss_dice", "loss
               "AP", "AP50", "AP75", "APs", "APm", "APl", "seconds"]
 
 
-def next_run_dir(root: str | Path = "runs/train") -> Path:
-    """runs/train/exp, exp2, exp3, ... (the first that does not exist)."""
-    root = Path(root)
-    for i in range(1, 100000):
-        d = root / ("exp" if i == 1 else f"exp{i}")
-        if not d.exists():
-            return d
-    raise MobileInstError(f"{root}: too many runs")
-
-
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every generator's state as tensors and plain values, so checkpoints load with
+    weights_only=True (checkpoint.py)."""
+    np_state = np.random.get_state(legacy=False)  # {bit_generator, state: {key, pos}, has_gauss, gauss}
+    np_state["state"]["key"] = torch.from_numpy(np_state["state"]["key"].astype(np.int64))
+    state = {"torch": torch.get_rng_state(), "numpy": np_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -65,7 +60,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    np_state = state["numpy"]
+    if isinstance(np_state, dict):  # format 2; format 1 stored NumPy's own tuple
+        np_state = {**np_state, "state": {**np_state["state"],
+                                          "key": np_state["state"]["key"].numpy().astype(np.uint32)}}
+    np.random.set_state(np_state)
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -96,19 +95,21 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str | Path | None = None) -> None:
-        self.device = dist.init_from_env(cfg.device)
-        ckpt = self._resume_checkpoint(cfg, resume)
-        if ckpt is not None:  # a resumed run keeps its own configuration
-            cfg = TrainConfig.from_dict({**ckpt["train_config"], "out_dir": cfg.out_dir or
-                                         ckpt["train_config"]["out_dir"]}, source=str(resume))
+        resolve_device(cfg.device)  # an unknown or absent device fails before any work
+        ckpt, ckpt_path = self._resume_checkpoint(cfg, resume)
+        if ckpt is not None:  # a resumed run keeps its recipe; it may run longer (config.py)
+            cfg = resumed_config(ckpt["train_config"], cfg, source=str(ckpt_path))
+            cfg.out_dir = cfg.out_dir or str(ckpt_path.parent.parent)
         self.cfg = cfg
         if not cfg.data:
             raise MobileInstError("no DATA file given (--data)")
+        get_config(cfg.model, **cfg.model_overrides)  # unknown model options fail here too
         # a name ('imagenet') -> its installed, hash-checked file; before any work, so it fails fast
         backbone_file = (resolve_backbone_weights(cfg.backbone_weights, get_config(cfg.model).backbone)
                          if cfg.backbone_weights and ckpt is None else None)
-        self.out = Path(cfg.out_dir) if cfg.out_dir else dist.broadcast_object(next_run_dir())
-        cfg.out_dir = str(self.out)
+        if cfg.out_dir:
+            check_output_dir(cfg.out_dir, "run folder")
+        self.device = dist.init_from_env(cfg.device)
         self._seed_everything(cfg.seed + dist.rank())
 
         self.train_loader, self.train_set = build_train_loader(cfg, dist.rank(), dist.world_size())
@@ -116,6 +117,9 @@ class Trainer:
         self.class_names, self.cat_ids = self.train_set.class_names, self.train_set.cat_ids
         self.bpe = self.train_loader.sampler.batches_per_epoch  # iterations per epoch
         self.total = cfg.iters or cfg.epochs * self.bpe
+        if ckpt is not None and ckpt["iteration"] > self.total:
+            raise MobileInstError(f"{ckpt_path}: the run is at iteration {ckpt['iteration']}; to extend "
+                                  f"it, --iters must be larger (got a run of {self.total} iterations)")
         self.eval_interval = cfg.eval_interval or self.bpe
         self.save_interval = cfg.save_interval or self.eval_interval
 
@@ -148,17 +152,52 @@ class Trainer:
         self.ddp = (DistributedDataParallel(net, device_ids=[self.device.index]
                                             if self.device.type == "cuda" else None)
                     if dist.is_dist() else net)
-        if ckpt is not None:
-            self._load_state(ckpt)
         self._meter: dict[str, float] = {}
         self._meter_n = 0
+        if ckpt is not None:
+            self._load_state(ckpt)
         self.tb = None
+        self.lock = self._own_run_folder(resumed=ckpt is not None)
 
     # -- set-up ------------------------------------------------------------------------------
+    def _own_run_folder(self, resumed: bool) -> RunLock | None:
+        """Claim the run folder: a new runs/train/expN, or the given --out-dir once it is locked
+        and, for a fresh run, holds no run (unless exist_ok). Nothing in the folder is touched
+        before the lock is held. The main process decides; every torchrun worker gets the
+        folder, or raises the same error (so none waits forever)."""
+        lock, error = None, None
+        if dist.is_main():
+            try:
+                lock = self._lock_run_folder(resumed)
+            except MobileInstError as e:
+                error = str(e)
+        out, error = dist.broadcast_object((str(self.out) if lock else None, error))
+        if error:
+            raise MobileInstError(error)
+        self.out = Path(out)
+        self.cfg.out_dir = out
+        return lock
+
+    def _lock_run_folder(self, resumed: bool) -> RunLock:
+        self.out = Path(self.cfg.out_dir) if self.cfg.out_dir else claim_new_run_dir()
+        lock = RunLock(self.out)
+        if not resumed and holds_run(self.out):
+            if not self.cfg.exist_ok:
+                lock.release()
+                raise MobileInstError(
+                    f"{self.out}: holds a training run; --resume continues it, --exist-ok replaces "
+                    "it, or choose another --out-dir")
+            clear_run(self.out)
+        stale = remove_stale_temporaries(self.out / "weights")
+        if stale:
+            log.warning("removed %d unfinished checkpoint file(s) of a killed save in %s",
+                        len(stale), self.out / "weights")
+        return lock
+
     @staticmethod
-    def _resume_checkpoint(cfg: TrainConfig, resume: str | Path | None) -> dict | None:
+    def _resume_checkpoint(cfg: TrainConfig, resume: str | Path | None) -> tuple[dict | None, Path | None]:
         if not resume:
-            return None
+            return None, None
         path = Path(resume)
         if path.is_dir() or str(resume) == "auto":
             base = Path(cfg.out_dir) if str(resume) == "auto" else path
@@ -168,7 +207,7 @@ class Trainer:
         ckpt = load_checkpoint(path)
         if "train_config" not in ckpt or "optimizer" not in ckpt:
             raise CheckpointError(f"{path}: holds weights only, not a training state to resume")
-        return ckpt
+        return ckpt, path
 
     @staticmethod
     def _seed_everything(seed: int) -> None:
@@ -184,6 +223,8 @@ class Trainer:
         if self.ema is not None and ckpt.get("ema"):
             self.ema.load_state_dict(ckpt["ema"])
         self.iteration, self.best_ap = ckpt["iteration"], ckpt["best_ap"]
+        meter = ckpt.get("meter") or {}  # the running loss means since the last results.csv row
+        self._meter, self._meter_n = dict(meter.get("sums", {})), meter.get("n", 0)
         set_rng_state(ckpt["rng"][min(dist.rank(), len(ckpt["rng"]) - 1)])
 
     def _setup_outputs(self, resumed: bool) -> None:
@@ -340,6 +381,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "iteration": self.iteration,
                 "epoch": self.iteration / self.bpe, "best_ap": self.best_ap,
+                "meter": {"sums": dict(self._meter), "n": self._meter_n},
                 "rng": dist.gather_objects(rng_state())}
 
     def save(self, name: str) -> None:
@@ -356,8 +398,11 @@ class Trainer:
 def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
     """Run (or resume) one training run; returns {best_ap, out_dir, iterations}."""
     get_config(cfg.model)  # unknown model names fail before any work
+    trainer = None
     try:
         trainer = Trainer(cfg, resume)
         return trainer.train()
     finally:
+        if trainer is not None and trainer.lock is not None:
+            trainer.lock.release()
         dist.cleanup()

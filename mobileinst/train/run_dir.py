@@ -1,0 +1,86 @@
+"""Run folders a training owns: claimed atomically, locked against a second writer, never reused
+by accident.
+
+    runs/train/exp, exp2, ...   a fresh run claims the first free name with an atomic mkdir
+    --out-dir DIR               refused if DIR holds a run, unless --resume (continue it) or
+                                --exist-ok (its old files are removed, after the lock is held)
+    DIR/.lock                   flock()ed by the writing process; the kernel drops it when that
+                                process dies, so a killed run never leaves a stale lock
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+from ..errors import MobileInstError
+from ..utils import check_output_dir
+
+LOCK_NAME = ".lock"
+# What a run writes (engine.py's module docstring); "holds a run" means any of these exists.
+RUN_FILES = ("config.yaml", "train.log", "results.csv", "loss.png", "ap.png", "weights")
+
+
+def holds_run(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in RUN_FILES)
+
+
+def claim_new_run_dir(root: str | Path = "runs/train") -> Path:
+    """Create and return runs/train/exp, exp2, ... (the first name no one holds). mkdir is atomic,
+    so two runs started together get different folders."""
+    root = check_output_dir(root, "runs folder")
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 100000):
+        d = root / ("exp" if i == 1 else f"exp{i}")
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            continue
+    raise MobileInstError(f"{root}: too many runs")
+
+
+class RunLock:
+    """An exclusive, non-blocking flock on DIR/.lock for as long as the run writes to DIR."""
+
+    def __init__(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / LOCK_NAME
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise MobileInstError(f"{run_dir}: another training is writing to this run folder "
+                                  f"(pid {holder}); wait for it or choose another --out-dir") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, str(os.getpid()).encode())
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove an old run's files (--exist-ok), keeping the lock file and anything else there."""
+    for name in RUN_FILES:
+        p = run_dir / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    for p in run_dir.glob("events.out.tfevents.*"):
+        p.unlink()
+
+
+def remove_stale_temporaries(weights_dir: Path) -> list[Path]:
+    """Delete `.last.pt.*.tmp` files a killed save left behind (save_checkpoint's temporaries).
+    Only the lock holder calls this, so no live save is touched."""
+    stale = sorted(weights_dir.glob(".*.pt.*.tmp")) if weights_dir.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale

@@ -1,0 +1,152 @@
+"""Adversarial use of the CLI, as a table: every case is a one-line error (exit code 2, the file or
+option named, no traceback), or a correct result. The data-side and prediction-side cases live in
+tests/test_data_validation.py and tests/test_predict_robust.py."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mobileinst.checkpoint import load_checkpoint, save_checkpoint
+from mobileinst.cli import main
+from mobileinst.data.synthetic import make_synthetic_coco
+from mobileinst.train.config import TrainConfig
+from mobileinst.train.engine import train
+
+TINY = dict(model="mobileinst-topformer-t", imgsz=128, batch=2, workers=0, lr=1e-3,
+            warmup_iters=2, num_queries=8, seed=3)
+
+
+class Payload:
+    """Unpickling this runs `Path(marker).touch()`: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A tiny trained run, its DATA file, a folder of frames, and bad files to feed the CLI."""
+    root = tmp_path_factory.mktemp("fuzz")
+    data = make_synthetic_coco(root / "synth", n_train=6, n_val=2, seed=0)
+    run = root / "run"
+    train(TrainConfig(data=str(data), out_dir=str(run), iters=2, eval_interval=2, **TINY))
+    frames = root / "frames"
+    frames.mkdir()
+    for i, p in enumerate(sorted((data.parent / "val").iterdir())[:2]):
+        shutil.copy(p, frames / f"{i:03d}.jpg")
+    (root / "a_file").write_text("not a folder")
+    ckpt = load_checkpoint(run / "weights" / "last.pt")
+    save_checkpoint({**ckpt, "class_names": ckpt["class_names"][:1]}, root / "short_names.pt")
+    save_checkpoint({**ckpt, "format_version": 99}, root / "future.pt")  # save adds its own version
+    future = torch.load(root / "future.pt", weights_only=True)
+    torch.save({**future, "format_version": 99}, root / "future.pt")
+    (root / "batch_two.yaml").write_text("warmup_iters: two\n")
+    (root / "typo.yaml").write_text("lr: 0.001\nbacth: 2\n")
+    return {"root": root, "data": data, "run": run, "last": run / "weights" / "last.pt",
+            "frames": frames}
+
+
+def _train(*extra: str) -> list[str]:
+    return ["train", "--data", "{data}", "--model", "mobileinst-topformer-t", "--imgsz", "128",
+            "--batch", "2", "--workers", "0", "--num-queries", "8", *extra]
+
+
+# (case, argv with {root} / {data} / {last} / {frames} / {run} placeholders, words the one error
+# line must contain)
+ERRORS = [
+    ("train lr negative", _train("--lr", "-0.001"), "lr must be in"),
+    ("train batch 0", _train("--batch", "0"), "batch must be in"),
+    ("train workers -1", _train("--workers", "-1"), "workers must be in"),
+    ("train num-queries 0", _train("--num-queries", "0"), "num_queries must be in"),
+    ("train imgsz 10000", _train("--imgsz", "10000"), "imgsz must be in"),
+    ("train imgsz -64", _train("--imgsz", "-64"), "imgsz must be in"),
+    ("train iters 0", _train("--iters", "0"), "--iters must be >= 1"),
+    ("train iters -3", _train("--iters", "-3"), "--iters must be >= 1"),
+    ("train epochs 0", _train("--epochs", "0"), "epochs must be in"),
+    ("train eval-interval -1", _train("--eval-interval", "-1"), "eval_interval must be in"),
+    ("train device cuda on CPU", _train("--device", "cuda"), "CUDA is not available"),
+    ("train device tpu", _train("--device", "tpu"), "unknown device"),
+    ("train cfg warmup_iters: two", _train("--cfg", "{root}/batch_two.yaml"), "warmup_iters must be an integer"),
+    ("train cfg typo", _train("--cfg", "{root}/typo.yaml"), "did you mean 'batch'"),
+    ("train unknown preset", _train("--cfg", "no_such_preset"), "no_such_preset"),
+    ("train out-dir is a file", _train("--out-dir", "{root}/a_file"), "is an existing file"),
+    ("train out-dir under a file", _train("--out-dir", "{root}/a_file/run"), "cannot be created"),
+    ("train over an existing run", _train("--out-dir", "{run}", "--iters", "2"), "holds a training run"),
+    ("resume with another model", _train("--out-dir", "{run}", "--resume", "--model",
+                                         "mobileinst-mobilenetv2"), "trained with model="),
+    ("resume with another lr", _train("--out-dir", "{run}", "--resume", "--lr", "0.5"), "trained with lr="),
+    ("resume shorter than done", _train("--out-dir", "{run}", "--resume", "--iters", "1"),
+     "the run is at iteration 2"),
+    ("val batch 0", ["val", "--weights", "{last}", "--data", "{data}", "--batch", "0"], "--batch must be in"),
+    ("val workers -1", ["val", "--weights", "{last}", "--data", "{data}", "--workers", "-1"], "--workers must be in"),
+    ("val device tpu", ["val", "--weights", "{last}", "--data", "{data}", "--device", "tpu"], "unknown device"),
+    ("val out is a folder", ["val", "--weights", "{last}", "--data", "{data}", "--out", "{root}"], "existing folder"),
+    ("val short class_names", ["val", "--weights", "{root}/short_names.pt", "--data", "{data}"],
+     "'class_names' has 1 entries"),
+    ("val newer format", ["val", "--weights", "{root}/future.pt", "--data", "{data}"], "format 99 is newer"),
+    ("info imgsz -64", ["info", "mobileinst-topformer-t", "--imgsz", "-64"], "--imgsz must be in"),
+    ("export out under a file", ["export", "--weights", "{last}", "--out", "{root}/a_file/m.onnx"],
+     "cannot be created"),
+    ("export batch 0", ["export", "--weights", "{last}", "--batch", "0"], "--batch must be in"),
+    ("data synth out is a file", ["data", "synth", "--out", "{root}/a_file"], "is an existing file"),
+    ("data synth n-train 0", ["data", "synth", "--out", "{root}/s", "--n-train", "0"], "--n-train must be in"),
+]
+
+
+@pytest.mark.parametrize("case,argv,words", ERRORS, ids=[c[0] for c in ERRORS])
+def test_bad_input_is_one_clear_line(env, capsys, case, argv, words):
+    before = _snapshot(env["run"])
+    argv = [a.format(**env) for a in argv]
+    assert main(argv) == 2, case
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert words in err, err
+    assert _snapshot(env["run"]) == before, "the existing run was touched"
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+VERBS = [  # every verb that reads a checkpoint
+    ("predict", ["predict", "--weights", "{pt}", "--source", "{frames}", "--out-dir", "{root}/p"]),
+    ("val", ["val", "--weights", "{pt}", "--data", "{data}"]),
+    ("export", ["export", "--weights", "{pt}", "--out", "{root}/x.onnx"]),
+    ("track", ["track", "--weights", "{pt}", "--source", "{frames}", "--out-dir", "{root}/t"]),
+    ("predict onnxruntime", ["predict", "--weights", "{pt}", "--source", "{frames}", "--backend",
+                             "onnxruntime", "--out-dir", "{root}/p2"]),
+]
+
+
+@pytest.mark.parametrize("verb,argv", VERBS, ids=[v[0] for v in VERBS])
+def test_checkpoint_payload_runs_nothing(env, tmp_path, capsys, verb, argv):
+    marker = tmp_path / "pwned"
+    ckpt = load_checkpoint(env["last"])
+    pt = tmp_path / "evil.pt"
+    torch.save({**ckpt, "extra": Payload(marker)}, pt)
+    assert main([a.format(pt=pt, **env) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert not marker.exists(), f"{verb} ran code from the checkpoint"
+    assert "refused" in err and "evil.pt" in err and "\n" not in err, err
+
+
+def test_resume_payload_runs_nothing(env, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    run = tmp_path / "run"
+    (run / "weights").mkdir(parents=True)
+    torch.save({**load_checkpoint(env["last"]), "extra": Payload(marker)}, run / "weights" / "last.pt")
+    argv = [a.format(**env) for a in _train("--out-dir", str(run), "--resume")]
+    assert main(argv) == 2
+    assert not marker.exists() and "refused" in capsys.readouterr().err
+
+
+def test_checkpoints_load_with_weights_only(env):
+    ckpt = torch.load(env["last"], map_location="cpu", weights_only=True)  # no allow-list at all
+    assert ckpt["format_version"] == 2 and ckpt["iteration"] == 2
