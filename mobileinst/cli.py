@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=None, help="default runs/predict/expN")
     p.add_argument("--conf", type=float, default=0.3, help="minimum score to keep (default 0.3)")
     p.add_argument("--imgsz", type=int, default=None, help="default: the checkpoint's training size")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: CUDA when available)")
     add_backend_option(p)
     p.add_argument("--no-overlays", action="store_true", help="write the json only")
     p.set_defaults(func=cmd_predict)

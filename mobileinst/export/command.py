@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MobileInstError
+from ..utils import resolve_device
 
 log = logging.getLogger("mobileinst.export")
 FORMATS = ("onnx", "ncnn", "executorch", "litert", "coreml")
@@ -186,11 +187,11 @@ def load_predictor(weights: str | Path, backend: str = "torch", imgsz: int | Non
         from ..predict import Predictor
         if threads:
             torch.set_num_threads(threads)
-        kwargs: dict[str, Any] = {"conf": conf, "device": "cpu" if device == "auto" else device}
+        kwargs: dict[str, Any] = {"conf": conf, "device": resolve_device(device)}
         if imgsz:
             kwargs["imgsz"] = imgsz
         return Predictor.from_checkpoint(weights, **kwargs)
-    if device not in ("cpu", "auto", None):
+    if resolve_device(device).type != "cpu" and device != "auto":
         log.warning("the onnxruntime backend runs on the CPU (ignoring --device %s)", device)
     from .runtime import OnnxPredictor
     path = weights if is_onnx else cached_onnx(weights)

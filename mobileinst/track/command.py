@@ -26,6 +26,6 @@ def add_parser(sub) -> None:
                    help="frames a lost track waits before it ends (default 10)")
     p.add_argument("--imgsz", type=int, default=None, help="short side (default: the checkpoint's)")
     p.add_argument("--video-id", type=int, default=1, help="video_id written in results.json")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: CUDA when available)")
     p.add_argument("--no-video", action="store_true", help="write the json only")
     p.set_defaults(func=cmd_track)

@@ -39,6 +39,14 @@ def track_source(weights: str | Path | VideoPredictor, source: str | Path, out_d
     Returns the summary (also written to summary.json)."""
     from tqdm import tqdm
 
+    from ..utils import IMGSZ_RANGE, check_output_dir, check_range, resolve_device
+    check_range("--conf", conf, 0.0, 1.0)
+    check_range("--reuse", reuse, 1, 10000)
+    check_range("--patience", patience, 0, 10**6)
+    check_range("--imgsz", imgsz, *IMGSZ_RANGE)
+    if not isinstance(weights, VideoPredictor):
+        device = str(resolve_device(device))
+    check_output_dir(out_dir, "track output folder (--out-dir)")
     frames = open_frames(source)  # a bad source fails before the model is loaded
     if isinstance(weights, VideoPredictor):
         vp = weights
