@@ -89,6 +89,17 @@ TRAIN_OPTIONS = {  # CLI option -> (type, help); every one maps onto a TrainConf
     "num_queries": (int, "instance queries N = max instances per image (default 100)"),
 }
 
+TRAIN_SWITCHES = {  # boolean TrainConfig fields, settable both ways on the CLI
+    "amp": "mixed precision (bf16 on CPU, fp16 on CUDA); default off",
+    "ema": "keep an EMA of the weights for evaluation; default off",
+    "crop": "SparseInst's random-crop augmentation; default off",
+    "freeze_backbone_bn": "keep the pretrained backbone's BatchNorm statistics and affine fixed "
+                          "(small batches); default off, on in the hard_cpu preset",
+    "channels_last": "NHWC weights and batches (faster CPU steps); default on",
+    "aspect_grouping": "batches of landscape or of portrait images only; default on",
+    "exist_ok": "let a fresh run replace the run already in --out-dir; default off (refuse)",
+}
+
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .train.config import TrainConfig
@@ -97,9 +108,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides = {k: getattr(args, k) for k in TRAIN_OPTIONS}
     if args.iters is not None and args.iters < 1:
         raise MobileInstError(f"--iters must be >= 1, got {args.iters} (leave it out to train --epochs)")
-    overrides.update(data=args.data, amp=args.amp or None, ema=args.ema or None,
-                     crop=args.crop or None, freeze_backbone_bn=args.freeze_backbone_bn or None,
-                     exist_ok=args.exist_ok or None)
+    overrides.update(data=args.data, **{k: getattr(args, k) for k in TRAIN_SWITCHES})
     cfg = (TrainConfig.from_yaml(args.cfg, **overrides) if args.cfg else
            TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None}))
     resume = args.resume
@@ -152,13 +161,9 @@ def _add_train_parser(sub) -> None:
                    "(coco, hard_cpu, demo; mobileinst/configs/); CLI options win")
     for name, (typ, help_) in TRAIN_OPTIONS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
-    p.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
-    p.add_argument("--ema", action="store_true", help="keep an EMA of the weights for evaluation")
-    p.add_argument("--crop", action="store_true", help="SparseInst's random-crop augmentation")
-    p.add_argument("--freeze-backbone-bn", action="store_true",
-                   help="keep the pretrained backbone's BatchNorm statistics and affine fixed (small batches)")
-    p.add_argument("--exist-ok", action="store_true",
-                   help="let a fresh run replace the run already in --out-dir (default: refuse)")
+    for name, help_ in TRAIN_SWITCHES.items():  # --amp / --no-amp; unset: the preset's value
+        p.add_argument("--" + name.replace("_", "-"), dest=name, action=argparse.BooleanOptionalAction,
+                       default=None, help=help_)
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="resume from PATH (last.pt or a run folder); alone: the --out-dir run. "
                         "The run keeps its recipe; only --iters/--epochs (to extend it), intervals, "
@@ -219,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="overlays + json for an image, a folder or a glob")
     p.add_argument("--weights", required=True, help="a .pt checkpoint (or .onnx with --backend onnxruntime)")
-    p.add_argument("--source", required=True)
+    p.add_argument("--source", required=True, help="an image file, a folder of images, or a glob")
     p.add_argument("--out-dir", default=None, help="default runs/predict/expN")
     p.add_argument("--conf", type=float, default=0.3, help="minimum score to keep (default 0.3)")
     p.add_argument("--imgsz", type=int, default=None, help="default: the checkpoint's training size")

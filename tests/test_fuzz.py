@@ -160,3 +160,19 @@ def test_resume_payload_runs_nothing(env, tmp_path, capsys):
 def test_checkpoints_load_with_weights_only(env):
     ckpt = torch.load(env["last"], map_location="cpu", weights_only=True)  # no allow-list at all
     assert ckpt["format_version"] == 2 and ckpt["iteration"] == 2
+
+
+def test_every_cli_option_has_help():
+    import argparse
+
+    from mobileinst.cli import build_parser
+
+    def walk(parser, path):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    yield from walk(sub, f"{path} {name}")
+            elif not a.help:
+                yield f"{path} {a.option_strings or a.dest}"
+
+    assert list(walk(build_parser(), "mobileinst")) == []

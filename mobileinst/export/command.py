@@ -36,7 +36,7 @@ def add_parser(subparsers) -> None:
     src.add_argument("--weights", help="a mobileinst .pt checkpoint")
     src.add_argument("--model", help="a variant name with random weights (for benchmarking)")
     p.add_argument("--num-classes", type=int, default=80, help="classes of --model (default 80)")
-    p.add_argument("--format", choices=FORMATS, default="onnx")
+    p.add_argument("--format", choices=FORMATS, default="onnx", help="file format (default onnx)")
     p.add_argument("--out", help="file to write (default: beside --weights, or ./MODEL.onnx)")
     p.add_argument("--imgsz", type=int, nargs="+", default=None,
                    help="S or H W: the fixed input size (default 640 640); with --dynamic, the "
@@ -53,7 +53,7 @@ def add_parser(subparsers) -> None:
                         "~1 ms at 640x640 on one CPU thread)")
     p.add_argument("--input-dtype", choices=("uint8", "float32"), default="uint8",
                    help="dtype of the RGB 0..255 input (default uint8)")
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--int8", action="store_true",
                    help="also write an int8 (static QDQ) copy, OUT-int8.onnx")
     p.add_argument("--calib", help="calibration images for --int8: a folder, a glob or a DATA yaml "
