@@ -116,7 +116,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise MobileInstError("--resume without a path needs --out-dir (the run folder to resume)")
     result = train(cfg, resume=resume)
     if env_rank() == 0:  # once, not once per torchrun process
-        print(f"best val mask AP {result['best_ap']:.4f}; run folder {result['out_dir']}")
+        skipped = f"; {result['skipped_images']} unreadable images skipped" if result.get("skipped_images") else ""
+        print(f"best val mask AP {result['best_ap']:.4f}; run folder {result['out_dir']}{skipped}")
 
 
 def cmd_val(args: argparse.Namespace) -> None:

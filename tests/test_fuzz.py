@@ -176,3 +176,16 @@ def test_every_cli_option_has_help():
                 yield f"{path} {a.option_strings or a.dest}"
 
     assert list(walk(build_parser(), "mobileinst")) == []
+
+
+def test_unreadable_training_image_is_skipped_and_counted_on_the_console(env, tmp_path, capsys):
+    data_dir = tmp_path / "synth"
+    shutil.copytree(env["data"].parent, data_dir)
+    victim = sorted((data_dir / "train").glob("*.jpg"))[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a truncated JPEG
+    argv = [a.format(data=data_dir / env["data"].name) for a in
+            _train("--out-dir", str(tmp_path / "run"), "--iters", "3", "--eval-interval", "3")]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert "1 unreadable images skipped" in out.out
+    assert victim.name in out.out + out.err  # named where the user looks

@@ -4,9 +4,14 @@
 - images without annotations are kept;
 - category ids of any values map to contiguous labels 0..C-1 in sorted-id order, and back
   through `cat_ids` when results are written;
-- the json is validated up front: every problem names the file and what is wrong (DataError);
-- degenerate annotations (empty segmentation, polygons with < 3 points or zero area, zero-area
-  RLE, malformed segmentation) are skipped with ONE counted warning line per file;
+- the json is validated up front (`validate.py`: types, ids, file names inside the image folder,
+  RLE runs decoded): every problem is one DataError line naming the file and the entry;
+- a json without images, or without one usable (non-crowd, non-degenerate) instance, is an error;
+- degenerate annotations (empty or missing segmentation, polygons with < 3 points, an odd number
+  of coordinates or zero area, zero-area RLE) are skipped with ONE counted warning line per file;
+- images are checked when read: a truncated JPEG / PNG is unreadable (DataError, not decoded half
+  grey); every item whose image fails to load is counted in `unreadable` (all DataLoader
+  workers; `validate.unreadable_images(ds)` lists the files) with a warning naming the file;
 - masks are decoded lazily, per item (pycocotools); a mask that rasterises to no pixel at all
   (a sub-pixel polygon) is dropped at load time.
 
@@ -24,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from operator import mul
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +40,8 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .transforms import nonempty
+from .validate import (UnreadableImages, check_annotation, check_categories, check_images,
+                       check_layout, image_file_problem, polygon_area)
 
 log = logging.getLogger("mobileinst.data")
 
@@ -58,11 +64,18 @@ def read_json(path: str | Path) -> Any:
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3); DataError naming the file if it is missing or not a readable image.
-    cv2 applies the EXIF orientation and turns grey / 16-bit / RGBA files into 8-bit RGB."""
+    """RGB uint8 (H, W, 3); DataError naming the file if it is missing, truncated (JPEG / PNG
+    without its end marker) or not a readable image. cv2 applies the EXIF orientation and turns
+    grey / 16-bit / RGBA files into 8-bit RGB."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: image file missing")
+    try:
+        problem = image_file_problem(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e}") from None
+    if problem:
+        raise DataError(f"{path}: {problem}")
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise DataError(f"{path}: not a readable image (corrupt or unsupported format)")
@@ -70,18 +83,12 @@ def read_rgb(path: str | Path) -> np.ndarray:
 
 
 # -- segmentations ---------------------------------------------------------------------------------
-def _polygon_area(poly: list[float]) -> float:
-    """Shoelace area of a flat [x1, y1, ...] polygon (plain Python: fast on short lists)."""
-    x, y = poly[0::2], poly[1::2]
-    return 0.5 * abs(sum(map(mul, x, y[1:] + y[:1])) - sum(map(mul, y, x[1:] + x[:1])))
-
-
 def _valid_polygon(p: Any) -> bool:
     """A flat [x1, y1, x2, y2, ...] list of numbers with >= 3 points and a non-zero area."""
     if not isinstance(p, list) or len(p) < 6 or len(p) % 2:
         return False
     try:
-        return _polygon_area(p) > 0
+        return polygon_area(p) > 0
     except (TypeError, ValueError):  # not numbers
         return False
 
@@ -129,14 +136,16 @@ class CocoInstances(Dataset):
     """A COCO instance-segmentation json + image folder (see the module docstring for the item).
 
     Attributes: `class_names` (C,), `cat_ids` (contiguous label -> original category id),
-    `label_of` (original id -> label), `images` (the json's image entries), `num_skipped`."""
+    `label_of` (original id -> label), `images` (the json's image entries), `num_skipped`
+    (degenerate annotations), `unreadable` (items whose image failed to load, all workers)."""
 
     def __init__(self, json_path: str | Path, image_dir: str | Path,
                  transform: Transform | None = None, class_names: list[str] | None = None) -> None:
         self.json_path, self.image_dir = Path(json_path), Path(image_dir)
         self.transform = transform
         data = read_json(self.json_path)
-        self._check_layout(data)
+        check_layout(self.json_path, data)
+        check_categories(self.json_path, data["categories"])
         cats = sorted(data["categories"], key=lambda c: c["id"])
         self.cat_ids: list[int] = [c["id"] for c in cats]
         self.class_names: list[str] = (list(class_names) if class_names else
@@ -146,70 +155,35 @@ class CocoInstances(Dataset):
                             f"{len(self.class_names)} names given")
         self.label_of = {cid: i for i, cid in enumerate(self.cat_ids)}
         self.images: list[dict] = data["images"]
-        self.anns = self._index_annotations(data["annotations"])
+        sizes = check_images(self.json_path, self.images, self.image_dir)
+        if not self.images:
+            raise DataError(f"{self.json_path}: no images: nothing to train or evaluate on")
+        self.anns = self._index_annotations(data["annotations"], sizes)
+        self.unreadable = UnreadableImages(len(self.images))
 
-    # -- validation ------------------------------------------------------------------------------
-    def _check_layout(self, data: Any) -> None:
-        f = self.json_path
-        if not isinstance(data, dict):
-            raise DataError(f"{f}: a COCO json must be an object with images/annotations/categories")
-        for key in ("images", "annotations", "categories"):
-            if key not in data:
-                raise DataError(f"{f}: missing '{key}' key (a COCO instances json needs images, "
-                                f"annotations and categories)")
-            if not isinstance(data[key], list):
-                raise DataError(f"{f}: '{key}' must be a list, not {type(data[key]).__name__}")
-        if not data["categories"]:
-            raise DataError(f"{f}: no categories")
-        for c in data["categories"]:
-            if not isinstance(c, dict) or not isinstance(c.get("id"), int):
-                raise DataError(f"{f}: category entry {c!r:.80} lacks an integer id")
-        _no_duplicates(f, "category", [c["id"] for c in data["categories"]])
-        for im in data["images"]:
-            if not isinstance(im, dict) or not {"id", "file_name", "height", "width"} <= im.keys():
-                raise DataError(f"{f}: image entry {im!r:.80} lacks id/file_name/height/width")
-        _no_duplicates(f, "image", [im["id"] for im in data["images"]])
-
-    def _index_annotations(self, anns: list[dict]) -> dict[Any, list[dict]]:
-        sizes = {im["id"]: (int(im["height"]), int(im["width"])) for im in self.images}
-        by_image: dict[Any, list[dict]] = defaultdict(list)
-        skipped = []
-        for a in anns:
-            if not isinstance(a, dict):
-                raise DataError(f"{self.json_path}: annotation entry {a!r:.80} is not an object")
-            if a.get("image_id") not in sizes:
-                raise DataError(f"{self.json_path}: annotation {a.get('id')} refers to unknown "
-                                f"image id {a.get('image_id')}")
-            if a.get("category_id") not in self.label_of:
-                raise DataError(f"{self.json_path}: annotation {a.get('id')} has unknown "
-                                f"category id {a.get('category_id')}")
-            if a.get("iscrowd", 0):
-                continue  # crowd regions are not training targets
-            seg = a.get("segmentation")
-            if is_degenerate(seg):
+    def _index_annotations(self, anns: list, sizes: dict[int, tuple[int, int]]
+                           ) -> dict[int, list[dict]]:
+        """Check every annotation (one pass) and group the training targets by image id."""
+        by_image: dict[int, list[dict]] = defaultdict(list)
+        skipped, seen, crowd = [], set(), 0
+        for i, a in enumerate(anns):
+            kind = check_annotation(self.json_path, i, a, sizes, self.label_of, seen)
+            if kind == "ok":
+                by_image[a["image_id"]].append(a)
+            elif kind == "degenerate":
                 skipped.append(a.get("id"))
-                continue
-            self._check_rle(a, sizes[a["image_id"]])
-            by_image[a["image_id"]].append(a)
+            else:  # crowd regions are not training targets
+                crowd += 1
         self.num_skipped = len(skipped)
         if skipped:
             shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
             log.warning("%s: skipped %d degenerate annotation(s) (ids %s)", self.json_path.name,
                         len(skipped), shown)
+        if not by_image:
+            raise DataError(f"{self.json_path}: no usable instance in {len(self.images)} image(s) "
+                            f"({len(anns)} annotation(s): {crowd} crowd, {len(skipped)} degenerate): "
+                            f"nothing to train or evaluate on")
         return by_image
-
-    def _check_rle(self, ann: dict, hw: tuple[int, int]) -> None:
-        """An RLE must cover exactly its image."""
-        seg = ann["segmentation"]
-        size = rle_size(seg)
-        if size is None:
-            return
-        if size != hw:
-            raise DataError(f"{self.json_path}: annotation {ann.get('id')} is an RLE of size "
-                            f"{list(size)} but image {ann['image_id']} is {list(hw)}")
-        if isinstance(seg["counts"], list) and sum(seg["counts"]) != hw[0] * hw[1]:
-            raise DataError(f"{self.json_path}: annotation {ann.get('id')}: uncompressed RLE "
-                            f"counts sum to {sum(seg['counts'])}, not {hw[0]} x {hw[1]}")
 
     # -- items -----------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -227,12 +201,8 @@ class CocoInstances(Dataset):
     def load_with_ids(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """`load` plus each instance's annotation id, int64 (M,)."""
         info = self.images[index]
-        path = self.image_dir / info["file_name"]
-        image = read_rgb(path)
         h, w = int(info["height"]), int(info["width"])
-        if image.shape[:2] != (h, w):
-            raise DataError(f"{path}: image is {image.shape[1]}x{image.shape[0]} (w x h) but "
-                            f"{self.json_path.name} says {w}x{h}")
+        image = self._read_image(index, h, w)
         anns = self.anns.get(info["id"], [])
         masks = (np.stack([decode_segmentation(a["segmentation"], h, w) for a in anns]) if anns
                  else np.zeros((0, h, w), np.uint8))
@@ -240,6 +210,24 @@ class CocoInstances(Dataset):
         ids = np.array([a.get("id", -1) for a in anns], np.int64)
         keep = nonempty(masks)
         return image, labels[keep], masks[keep], ids[keep]
+
+    def item_path(self, index: int) -> Path:
+        """The image file of item `index`."""
+        return self.image_dir / self.images[index]["file_name"]
+
+    def _read_image(self, index: int, h: int, w: int) -> np.ndarray:
+        """The RGB image of item `index`, which must be h x w; a failure is counted in
+        `unreadable` (and re-raised: the caller decides whether to skip it)."""
+        path = self.item_path(index)
+        try:
+            image = read_rgb(path)
+            if image.shape[:2] != (h, w):
+                raise DataError(f"{path}: image is {image.shape[1]}x{image.shape[0]} (w x h) but "
+                                f"{self.json_path.name} says {w}x{h}")
+        except DataError as e:
+            self.unreadable.mark(index, e)
+            raise
+        return image
 
     def _rng(self, seed: int | None) -> np.random.Generator:
         if seed is None and getattr(self.transform, "random", True):
@@ -263,10 +251,3 @@ class CocoInstances(Dataset):
                 f"{sum(map(len, self.anns.values()))} instances, {len(self.cat_ids)} classes, "
                 f"transform={self.transform!r})")
 
-
-def _no_duplicates(path: Path, what: str, ids: list) -> None:
-    seen: set = set()
-    for i in ids:
-        if i in seen:
-            raise DataError(f"{path}: duplicate {what} id {i}")
-        seen.add(i)

@@ -3,8 +3,13 @@
 Layout: `videos` [{id, width, height, length, file_names}], `annotations` [{id, video_id,
 category_id, segmentations: one polygon / RLE / null per frame, iscrowd}], `categories`. The json
 is checked up front (`evaluate.ytvis_eval.validate_ytvis`: missing keys, unknown ids, wrong number
-of segmentations) and every problem names the file (DataError). null, empty and degenerate
-segmentations mean "not in this frame"; crowd annotations are not targets. Category ids map to
+of segmentations; then `validate.py`'s checks of categories, frame sizes and file names, iscrowd and
+every frame's segmentation, RLE runs decoded) and every problem names the file (DataError). null,
+empty and degenerate segmentations mean "not in this frame"; crowd annotations are not targets.
+A track with no mask in any frame is a counted skip (one warning line); a json with annotations
+but not one usable mask (all null) is an error, as is one without videos (a json without any
+annotations, e.g. the official valid split, still opens). `unreadable` counts the frames whose
+image failed to load (all DataLoader workers), as `coco.CocoInstances` does. Category ids map to
 contiguous labels 0..C-1 in sorted-id order (`cat_ids` maps back), as `coco.CocoInstances`.
 
 Training item `ds[(i, seed)]` (index i = an anchor frame (video, t) over all frames of all videos):
@@ -27,9 +32,11 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from ..evaluate.ytvis_eval import validate_ytvis, video_name
-from .coco import Transform, decode_segmentation, is_degenerate, read_json, read_rgb, rle_size
+from .coco import Transform, decode_segmentation, is_degenerate, read_json, read_rgb
 from .loader import collate
 from .transforms import nonempty
+from .validate import (UnreadableImages, check_categories, check_iscrowd, check_segmentation, entry,
+                       fail, file_name_problem, is_positive_int, shown)
 
 log = logging.getLogger("mobileinst.data")
 
@@ -52,7 +59,9 @@ class YtvisClips(Dataset):
     """A YouTube-VIS json + its JPEGImages folder (see the module docstring).
 
     Attributes: `class_names`, `cat_ids`, `label_of`, `videos` (the json's entries), `anns`
-    (video id -> its non-crowd annotations), `frames` [(video index, t)], `is_video` = True."""
+    (video id -> its non-crowd annotations with a mask in some frame), `frames` [(video index, t)],
+    `num_skipped` (tracks without any mask), `unreadable` (frames whose image failed to load),
+    `is_video` = True."""
 
     is_video = True
 
@@ -62,10 +71,7 @@ class YtvisClips(Dataset):
         self.json_path, self.image_dir = Path(json_path), Path(image_dir)
         self.transform, self.max_gap = transform, max_gap
         data = validate_ytvis(read_json(self.json_path), str(self.json_path))
-        if not data["categories"]:
-            raise DataError(f"{self.json_path}: no categories")
-        if not all(isinstance(c["id"], int) for c in data["categories"]):
-            raise DataError(f"{self.json_path}: category ids must be integers")
+        check_categories(self.json_path, data["categories"])
         cats = sorted(data["categories"], key=lambda c: c["id"])
         self.cat_ids = [c["id"] for c in cats]
         self.class_names = list(class_names) if class_names else [str(c.get("name", c["id"])) for c in cats]
@@ -74,33 +80,70 @@ class YtvisClips(Dataset):
                             f"{len(self.class_names)} names given")
         self.label_of = {cid: i for i, cid in enumerate(self.cat_ids)}
         self.videos: list[dict] = data["videos"]
-        for v in self.videos:
-            if not isinstance(v.get("file_names"), list):
-                raise DataError(f"{self.json_path}: {video_name(v)} has no 'file_names' list")
+        if not self.videos:
+            raise DataError(f"{self.json_path}: no videos: nothing to train or evaluate on")
+        for i, v in enumerate(self.videos):
+            self._check_video(i, v)
         self.anns = self._index(data.get("annotations") or [])
         self.frames = [(i, t) for i, v in enumerate(self.videos) for t in range(int(v["length"]))]
+        self.unreadable = UnreadableImages(len(self.frames))
+        self._first_frame = np.cumsum([0] + [int(v["length"]) for v in self.videos])
+
+    def _check_video(self, index: int, video: dict) -> None:
+        where = entry("video", index, video)
+        for key in ("height", "width"):
+            if not is_positive_int(video[key]):
+                fail(self.json_path, where, f"{key} must be a positive int, got {shown(video[key])}")
+        if not isinstance(video.get("file_names"), list):
+            raise DataError(f"{self.json_path}: {video_name(video)} has no 'file_names' list")
+        for t, name in enumerate(video["file_names"]):
+            problem = file_name_problem(name, self.image_dir)
+            if problem:
+                fail(self.json_path, f"{where} frame {t}", problem)
 
     def _index(self, anns: list[dict]) -> dict:
+        """Check every frame's segmentation; video id -> its non-crowd annotations."""
         sizes = {v["id"]: (int(v["height"]), int(v["width"])) for v in self.videos}
         by_video: dict = {v["id"]: [] for v in self.videos}
-        degenerate = 0
-        for a in anns:
-            if a.get("iscrowd", 0):
+        degenerate, empty, usable = 0, [], 0
+        for i, a in enumerate(anns):
+            where = entry("annotation", i, a)
+            if check_iscrowd(self.json_path, where, a):
                 continue
-            for t, seg in enumerate(a["segmentations"]):
-                if is_degenerate(seg):  # null / [] / {} = absent; anything else is counted
-                    degenerate += bool(seg)
-                    continue
-                size = rle_size(seg)
-                if size is not None and size != sizes[a["video_id"]]:
-                    raise DataError(f"{self.json_path}: annotation {a['id']} frame {t} is an RLE of "
-                                    f"size {list(size)} but video {a['video_id']} is "
-                                    f"{list(sizes[a['video_id']])}")
-            by_video[a["video_id"]].append(a)
-        if degenerate:
-            log.warning("%s: %d degenerate frame segmentation(s) treated as absent",
-                        self.json_path.name, degenerate)
+            frames, bad = self._check_frames(where, a["segmentations"], sizes[a["video_id"]],
+                                             f"video {a['video_id']}")
+            degenerate, usable = degenerate + bad, usable + frames
+            if frames:
+                by_video[a["video_id"]].append(a)
+            else:
+                empty.append(a["id"])
+        self._report(degenerate, empty, usable, len(anns))
         return by_video
+
+    def _check_frames(self, where: str, segs: list, hw: tuple[int, int], video: str
+                      ) -> tuple[int, int]:
+        """(usable frames, degenerate non-null frames) of one track; DataError for a bad one."""
+        usable = degenerate = 0
+        for t, seg in enumerate(segs):
+            problem, bad = check_segmentation(seg, hw, video)
+            if problem:
+                fail(self.json_path, f"{where} frame {t}", problem)
+            usable += not bad
+            degenerate += bad and bool(seg)  # null / [] / {} = absent; anything else is counted
+        return usable, degenerate
+
+    def _report(self, degenerate: int, empty: list, usable: int, n_anns: int) -> None:
+        name = self.json_path.name
+        if degenerate:
+            log.warning("%s: %d degenerate frame segmentation(s) treated as absent", name, degenerate)
+        if n_anns and not usable:
+            raise DataError(f"{self.json_path}: none of the {n_anns} annotation(s) has a usable mask "
+                            f"in any frame (all null, degenerate or crowd): nothing to train on")
+        if empty:
+            shown_ids = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+            log.warning("%s: skipped %d track(s) with no mask in any frame (ids %s)", name,
+                        len(empty), shown_ids)
+        self.num_skipped = len(empty)
 
     # -- frames ------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -109,16 +152,24 @@ class YtvisClips(Dataset):
     def frame_path(self, video_index: int, t: int) -> Path:
         return self.image_dir / self.videos[video_index]["file_names"][t]
 
+    def item_path(self, index: int) -> Path:
+        """The image file of frame `index` (of `frames`)."""
+        return self.frame_path(*self.frames[index])
+
     def load_frame(self, video_index: int, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Untransformed frame (H, W, 3) RGB uint8, labels (M,), masks (M, H, W) uint8, track ids (M,)
         of the instances present in frame t (null / degenerate / empty segmentations left out)."""
         video = self.videos[video_index]
         h, w = int(video["height"]), int(video["width"])
         path = self.frame_path(video_index, t)
-        image = read_rgb(path)
-        if image.shape[:2] != (h, w):
-            raise DataError(f"{path}: frame is {image.shape[1]}x{image.shape[0]} (w x h) but "
-                            f"{self.json_path.name} says {w}x{h} for {video_name(video)}")
+        try:
+            image = read_rgb(path)
+            if image.shape[:2] != (h, w):
+                raise DataError(f"{path}: frame is {image.shape[1]}x{image.shape[0]} (w x h) but "
+                                f"{self.json_path.name} says {w}x{h} for {video_name(video)}")
+        except DataError as e:
+            self.unreadable.mark(int(self._first_frame[video_index]) + t, e)
+            raise
         anns = [a for a in self.anns[video["id"]] if not is_degenerate(a["segmentations"][t])]
         masks = (np.stack([decode_segmentation(a["segmentations"][t], h, w) for a in anns]) if anns
                  else np.zeros((0, h, w), np.uint8))

@@ -37,10 +37,9 @@ class SkipUnreadable(Dataset):
             try:
                 return self.dataset[(i, seed)]
             except DataError as e:
-                if i not in self.skipped:
+                if i not in self.skipped:  # counted for the console by data.validate.unreadable_images
                     self.skipped.add(i)
-                    log.warning("skipping unreadable training image (%d so far in this worker): %s",
-                                len(self.skipped), e)
+                    log.debug("skipping unreadable training image: %s", e)
         raise DataError(f"{self.dataset.json_path}: {self.max_tries} unreadable images in a row")
 
 

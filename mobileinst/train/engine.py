@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..checkpoint import load_checkpoint, save_checkpoint
+from ..data.validate import unreadable_images
 from ..errors import CheckpointError, MobileInstError
 from ..evaluate.evaluator import evaluate_model
 from ..models.pretrained import resolve_backbone_weights
@@ -358,6 +359,8 @@ class Trainer:
             self._write_row(row)
             self._log(f"iteration {self.iteration}/{self.total}: loss {row.get('loss', 0):.4f}, "
                       f"mask AP {metrics.AP:.4f} AP50 {metrics.AP50:.4f} AP75 {metrics.AP75:.4f}")
+            if self.iteration < self.total:
+                self._report_skips()
             if self.tb is not None:
                 for k in ("AP", "AP50", "AP75"):
                     self.tb.add_scalar(f"val/{k}", row[k], self.iteration)
@@ -389,10 +392,20 @@ class Trainer:
         if dist.is_main():
             save_checkpoint(state, self.out / "weights" / name)
 
+    def _report_skips(self) -> int:
+        """Unreadable training images so far (every loader worker), on the console and in the log."""
+        bad = unreadable_images(self.train_set)
+        if bad:
+            self._log(f"{len(bad)} unreadable training image(s) skipped so far: {', '.join(bad[:5])}"
+                      + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+        return len(bad)
+
     def _final_metrics(self) -> dict[str, Any]:
         best = self.best_ap
+        skipped = self._report_skips()
         self._log(f"done: best val mask AP {best:.4f}; weights in {self.out / 'weights'}")
-        return {"best_ap": best, "out_dir": str(self.out), "iterations": self.iteration}
+        return {"best_ap": best, "out_dir": str(self.out), "iterations": self.iteration,
+                "skipped_images": skipped}
 
 
 def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
