@@ -189,3 +189,23 @@ def test_unreadable_training_image_is_skipped_and_counted_on_the_console(env, tm
     out = capsys.readouterr()
     assert "1 unreadable images skipped" in out.out
     assert victim.name in out.out + out.err  # named where the user looks
+
+
+def _edit_json(path: Path, edit) -> None:
+    import json
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_val_json_without_annotation_ids_fails_before_training(env, tmp_path, capsys):
+    data_dir = tmp_path / "synth"
+    shutil.copytree(env["data"].parent, data_dir)
+    val_json = next(p for p in data_dir.rglob("*.json") if "val" in p.name)
+    _edit_json(val_json, lambda d: [a.pop("id") for a in d["annotations"]])
+    run = tmp_path / "run"
+    argv = [a.format(data=data_dir / env["data"].name) for a in _train("--out-dir", str(run), "--iters", "2")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert val_json.name in err and "'id'" in err and "\n" not in err, err
+    assert not (run / "results.csv").exists()  # refused before the run started

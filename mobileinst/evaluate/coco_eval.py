@@ -206,6 +206,12 @@ def read_json(path: str | Path, what: str) -> Any:
         raise DataError(f"{path}: cannot read {what} file ({e})") from None
 
 
+def check_ground_truth(path: str | Path) -> None:
+    """Everything evaluation needs of a val json (annotation ids included), checked when training
+    starts rather than at its first evaluation."""
+    _load_gt(path)
+
+
 def _load_gt(gt):
     """A COCO api object for ``gt`` (a path or an object), checked for segm evaluation."""
     from pycocotools.coco import COCO

@@ -11,6 +11,7 @@ from ..data.config import load_data_config
 from ..data.loader import collate
 from ..data.transforms import EvalTransform, TrainTransform
 from ..errors import DataError
+from ..evaluate.coco_eval import check_ground_truth
 from .config import TrainConfig
 from .sampler import ResumableSampler
 
@@ -74,4 +75,6 @@ def build_val_set(cfg: TrainConfig) -> CocoInstances:
     if data.format == "ytvis":  # evaluated as videos (track/evaluate.py)
         from .video import build_video_val_set
         return build_video_val_set(cfg, data)
-    return CocoInstances(data.val.json, data.val.images, EvalTransform(cfg.imgsz), data.names)
+    val = CocoInstances(data.val.json, data.val.images, EvalTransform(cfg.imgsz), data.names)
+    check_ground_truth(data.val.json)  # what evaluation needs, before the first training step
+    return val

@@ -74,6 +74,8 @@ def build_video_train_loader(cfg: TrainConfig, data: DataConfig, rank: int, worl
     max_gap = int(data.extra.get("max_gap", 5))
     transform = TrainTransform(cfg.imgsz, crop=cfg.crop)
     clips = YtvisClips(data.train.json, data.train.images, transform, data.names, max_gap=max_gap)
+    if not any(clips.anns.values()):
+        raise DataError(f"{data.train.json}: no annotations: nothing to train on")
     if data.coco is not None:  # COCO images as pseudo-clips (data/pseudo_clips.py)
         clips = MixedClips([clips, pseudo_clips(data, clips, transform)])
     dataset = wrap(clips)
