@@ -143,7 +143,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .predict import predict_source
     summary = predict_source(args.weights, args.source, args.out_dir, conf=args.conf,
                              imgsz=args.imgsz, device=args.device, backend=args.backend,
-                             save_overlays=not args.no_overlays, threads=args.threads)
+                             save_overlays=args.overlays, threads=args.threads)
     print(f"{summary['images']} images, {summary['instances']} instances "
           f"({summary['skipped']} unreadable skipped); overlays and predictions.json in "
           f"{summary['out_dir']}")
@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imgsz", type=int, default=None, help="default: the checkpoint's training size")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: CUDA when available)")
     add_backend_option(p)
-    p.add_argument("--no-overlays", action="store_true", help="write the json only")
+    p.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw overlays/ (default on); --no-overlays writes the json only")
     p.set_defaults(func=cmd_predict)
 
     add_track_parser(sub)

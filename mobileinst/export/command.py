@@ -41,12 +41,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--imgsz", type=int, nargs="+", default=None,
                    help="S or H W: the fixed input size (default 640 640); with --dynamic, the "
                         "default short side stored for predictors")
-    p.add_argument("--dynamic", action="store_true",
+    p.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=False,
                    help="any batch and any H, W multiple of 32 (ONNX only)")
     p.add_argument("--batch", type=int, default=1, help="fixed batch size (default 1)")
     p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=True,
                    help="onnxslim the graph (default on)")
-    p.add_argument("--postprocess", action="store_true",
+    p.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=False,
                    help="scores, top-k, mask upsampling and thresholding inside the graph")
     p.add_argument("--max-det", type=int, default=None,
                    help="instances a --postprocess graph returns (default 100; each costs "
@@ -54,7 +54,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--input-dtype", choices=("uint8", "float32"), default="uint8",
                    help="dtype of the RGB 0..255 input (default uint8)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
-    p.add_argument("--int8", action="store_true",
+    p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=False,
                    help="also write an int8 (static QDQ) copy, OUT-int8.onnx")
     p.add_argument("--calib", help="calibration images for --int8: a folder, a glob or a DATA yaml "
                                    "(its train images)")

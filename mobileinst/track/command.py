@@ -8,7 +8,7 @@ def cmd_track(args: argparse.Namespace) -> None:
     from .run import track_source
     s = track_source(args.weights, args.source, args.out_dir, reuse=args.reuse, conf=args.conf,
                      imgsz=args.imgsz, patience=args.patience, video_id=args.video_id,
-                     device=args.device, save_video=not args.no_video)
+                     device=args.device, save_video=args.video)
     print(f"{s['frames_done']} frames, {s['tracks']} tracks, {s['fps']:.1f} frames/s; "
           f"{'overlay ' + s['video'] + ', ' if s['video'] else ''}results {s['results']}")
 
@@ -27,5 +27,6 @@ def add_parser(sub) -> None:
     p.add_argument("--imgsz", type=int, default=None, help="short side (default: the checkpoint's)")
     p.add_argument("--video-id", type=int, default=1, help="video_id written in results.json")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: CUDA when available)")
-    p.add_argument("--no-video", action="store_true", help="write the json only")
+    p.add_argument("--video", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the overlay mp4 (default on); --no-video writes the json only")
     p.set_defaults(func=cmd_track)
