@@ -144,8 +144,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
     summary = predict_source(args.weights, args.source, args.out_dir, conf=args.conf,
                              imgsz=args.imgsz, device=args.device, backend=args.backend,
                              save_overlays=args.overlays, threads=args.threads)
+    skipped = summary["skipped_files"]
+    names = f": {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}" if skipped else ""
     print(f"{summary['images']} images, {summary['instances']} instances "
-          f"({summary['skipped']} unreadable skipped); overlays and predictions.json in "
+          f"({summary['skipped']} unreadable skipped{names}); overlays and predictions.json in "
           f"{summary['out_dir']}")
 
 

@@ -18,18 +18,51 @@ def color(i: int) -> tuple[int, int, int]:
 
 def draw_instances(image: np.ndarray, masks: np.ndarray, labels: list[str],
                    colors: list[tuple[int, int, int]], alpha: float = 0.5) -> np.ndarray:
-    """Overlay masks (K, H, W) bool on an RGB uint8 image, with contours and a caption per instance."""
-    out = image.astype(np.float32)
-    for m, c in zip(masks, colors):
-        out[m] = out[m] * (1 - alpha) + np.asarray(c, np.float32) * alpha
-    out = out.clip(0, 255).astype(np.uint8)
-    for m, text, c in zip(masks, labels, colors):
-        contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    """Overlay masks (K, H, W) bool on an RGB uint8 image, with contours and a caption per instance.
+
+    Each instance is blended (in bands of rows), outlined and located inside its own bounding box,
+    in uint8: besides the output image nothing of the image's size is allocated (no float copy,
+    no per-instance full-size arrays); the largest temporary is one mask's box as uint8 0/1 for
+    its outline (1/3 of the image's bytes at most)."""
+    out = image.copy()  # (H, W, 3) uint8
+    boxes = [mask_box(m) for m in masks]
+    for m, c, box in zip(masks, colors, boxes):
+        if box is not None:
+            _blend(out, m, c, alpha, box)
+    for m, text, c, box in zip(masks, labels, colors, boxes):
+        if box is None:
+            continue
+        y0, y1, x0, x1 = box
+        crop = np.ascontiguousarray(m[y0:y1, x0:x1]).view(np.uint8)  # (h, w) 0/1, the box only
+        contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
+                                       offset=(x0, y0))
         cv2.drawContours(out, contours, -1, c, 1, cv2.LINE_AA)
-        ys, xs = np.nonzero(m)
-        if len(xs):
-            _caption(out, text, (int(xs.min()), int(ys.min())), c)
+        _caption(out, text, (x0, y0), c)
     return out
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1), end exclusive, of a (H, W) bool mask's pixels; None when it is empty."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))  # (H,), (W,)
+    if not len(rows):
+        return None
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+BLEND_ROWS = 256  # rows of a box blended at once: temporaries of 256 x W x 3 bytes
+
+
+def _blend(out: np.ndarray, mask: np.ndarray, c: tuple[int, int, int], alpha: float,
+           box: tuple[int, int, int, int]) -> None:
+    """out = out * (1 - alpha) + c * alpha on the mask's pixels, in place, within its box, in
+    bands of BLEND_ROWS rows (uint8, rounded)."""
+    y0, y1, x0, x1 = box
+    solid = np.empty((min(BLEND_ROWS, y1 - y0), x1 - x0, 3), np.uint8)  # (rows, w, 3)
+    solid[:] = np.asarray(c, np.uint8)
+    for y in range(y0, y1, BLEND_ROWS):
+        region = out[y:min(y + BLEND_ROWS, y1), x0:x1]  # (rows, w, 3) a view
+        mixed = cv2.addWeighted(region, 1 - alpha, solid[: len(region)], alpha, 0.0)
+        np.copyto(region, mixed, where=mask[y:y + len(region), x0:x1, None])
 
 
 def _caption(img: np.ndarray, text: str, xy: tuple[int, int], c: tuple[int, int, int]) -> None:

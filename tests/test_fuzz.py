@@ -209,3 +209,14 @@ def test_val_json_without_annotation_ids_fails_before_training(env, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert val_json.name in err and "'id'" in err and "\n" not in err, err
     assert not (run / "results.csv").exists()  # refused before the run started
+
+
+def test_predict_skips_a_truncated_jpeg_and_names_it(env, tmp_path, capsys):
+    src = tmp_path / "imgs"
+    shutil.copytree(env["frames"], src)
+    victim = sorted(src.glob("*.jpg"))[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    assert main(["predict", "--weights", str(env["last"]), "--source", str(src),
+                 "--out-dir", str(tmp_path / "p"), "--conf", "0.0"]) == 0
+    out = capsys.readouterr().out
+    assert "1 unreadable skipped" in out and victim.name in out, out

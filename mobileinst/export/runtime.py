@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, MobileInstError
 from ..models.mobileinst import PIXEL_MEAN
-from ..models.postprocess import InferenceConfig, postprocess_image, query_scores
-from ..predict import Predictor, Result, preprocess
+from ..models.postprocess import MASK_CHUNK_BYTES, InferenceConfig, postprocess_image, query_scores
+from ..predict import Predictor, Result, conf_config, preprocess
 
 
 def session_options(threads: int = 1):
@@ -85,8 +85,11 @@ def letterbox(images: list[np.ndarray], size: tuple[int, int]) -> tuple[torch.Te
 
 
 def mask_logits(kernels: torch.Tensor, mask_feats: torch.Tensor, upsample: int = 2) -> torch.Tensor:
-    """`MobileInst.masks` for one image: kernels (K, E) . M (E, h, w) -> (K, upsample*h, upsample*w)."""
+    """`MobileInst.masks` for one image: kernels (K, E) . M (E, h, w) -> (K, upsample*h, upsample*w).
+    K = 0 (no query above the threshold) gives an empty (0, upsample*h, upsample*w)."""
     e, h, w = mask_feats.shape
+    if len(kernels) == 0:  # F.interpolate rejects an empty channel dimension
+        return mask_feats.new_zeros((0, upsample * h, upsample * w))
     m = torch.bmm(kernels[None], mask_feats.reshape(1, e, h * w)).view(1, -1, h, w)
     return F.interpolate(m, scale_factor=float(upsample), mode="bilinear", align_corners=False)[0]
 
@@ -98,7 +101,9 @@ def decode_raw(outputs: dict[str, np.ndarray], padded_size: tuple[int, int],
     {labels, scores, masks bool at orig size}, exactly `MobileInst.postprocess`.
 
     Masks are computed only for the queries above cfg.score_threshold (the reference keeps only
-    those), so a higher threshold (the display confidence) saves most of the work."""
+    those), so a higher threshold (the display confidence) saves most of the work; with cfg.conf
+    set only the instances scoring above it are upsampled (`postprocess_image`). An image where
+    no query passes gives empty results (masks (0, H0, W0))."""
     results = []
     for i in range(outputs["logits"].shape[0]):
         logits = torch.from_numpy(outputs["logits"][i])  # (N, C)
@@ -202,7 +207,7 @@ class OnnxPredictor(Predictor):
         orig = [im.shape[:2] for im in images]
         if self.postprocess:
             return [self._from_postprocessed(out, i, sizes[i], orig[i]) for i in range(n)]
-        cfg = InferenceConfig(self.conf, self.inference.mask_threshold, self.inference.max_detections)
+        cfg = conf_config(self.inference, self.conf)  # masks only for what conf keeps
         outs = decode_raw({k: v[:n] for k, v in out.items()}, tuple(batch.shape[-2:]), sizes[:n],
                           orig, cfg, int(self.model_config.get("mask_upsample", 2)))
         return [self._result(o) for o in outs]
@@ -215,20 +220,23 @@ class OnnxPredictor(Predictor):
         return Result(labels, scores, masks, [self.class_names[j] for j in labels])
 
 
-def resize_masks(masks: np.ndarray, size: tuple[int, int], orig: tuple[int, int]) -> np.ndarray:
+def resize_masks(masks: np.ndarray, size: tuple[int, int], orig: tuple[int, int],
+                 chunk_bytes: int = MASK_CHUNK_BYTES) -> np.ndarray:
     """(K, Hp, Wp) 0/1 masks at the padded input -> (K, H0, W0) bool: crop the image's (h, w),
-    resize bilinearly to the original size (i.e. threshold the interpolation at 0.5)."""
+    resize bilinearly to the original size (i.e. threshold the interpolation at 0.5).
+
+    A few instances at a time (~chunk_bytes of uint8 intermediates at the original size, at
+    least one instance); each channel is resized on its own, so chunking changes nothing."""
     h, w = size
-    masks = masks[:, :h, :w]
+    masks = masks[:, :h, :w]  # (K, h, w)
     if (h, w) == tuple(orig):
         return masks.astype(bool)
-    if len(masks) == 0:
-        return np.zeros((0, *orig), bool)
-    out = np.empty((len(masks), *orig), bool)
-    for s in range(0, len(masks), 512):  # cv2 resizes up to 512 channels at once
-        chunk = np.ascontiguousarray(masks[s:s + 512].transpose(1, 2, 0)).astype(np.uint8)
-        r = cv2.resize(chunk, (orig[1], orig[0]), interpolation=cv2.INTER_LINEAR)
-        out[s:s + 512] = r.reshape(orig[0], orig[1], -1).transpose(2, 0, 1) > 0
+    out = np.empty((len(masks), *orig), bool)  # (K, H0, W0)
+    step = int(min(512, max(1, chunk_bytes // (2 * orig[0] * orig[1]))))  # cv2: <= 512 channels
+    for s in range(0, len(masks), step):
+        chunk = np.ascontiguousarray(masks[s:s + step].transpose(1, 2, 0)).astype(np.uint8)  # (h,w,k)
+        r = cv2.resize(chunk, (orig[1], orig[0]), interpolation=cv2.INTER_LINEAR)  # (H0, W0[, k])
+        out[s:s + step] = r.reshape(orig[0], orig[1], -1).transpose(2, 0, 1) > 0
     return out
 
 

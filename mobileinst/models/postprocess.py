@@ -4,6 +4,11 @@ SparseInst's recipe (/shared/spec/training.md §3), shared by PyTorch prediction
 graph: score = sqrt(sigmoid(cls) * sigmoid(obj)), one label per query (max over classes), keep
 score > 0.005, maskness rescoring at 1/4 resolution, upsample the kept masks to the padded input,
 crop the image, resize to the original size, binarise > 0.45. No NMS: at most N instances.
+
+Prediction (`predict --conf`) sets `InferenceConfig.conf`: the queries are then filtered on their
+pre-score before any mask is computed and on their final score before any mask is upsampled (see
+`postprocess_image`), and the full-resolution masks are made a few instances at a time
+(`binary_masks`), so memory grows with the instances kept, not with the queries or the photo.
 """
 from __future__ import annotations
 
@@ -19,6 +24,14 @@ class InferenceConfig:
     score_threshold: float = 0.005  # SparseInst CLS_THRESHOLD; 0.2-0.3 emptied images (mobileinst.md)
     mask_threshold: float = 0.45  # SparseInst MASK_THRESHOLD
     max_detections: int = 100
+    # predict's display confidence: when set, only instances whose final (rescored) score is
+    # > conf are returned, and only their masks are upsampled. None (evaluation): every query
+    # above score_threshold is ranked and returned, up to max_detections.
+    conf: float | None = None
+
+# Bytes of float intermediates `binary_masks` may hold at once at the original size: 64 MiB is
+# ~0.2 s of bilinear work per chunk, small next to the (K, H0, W0) bool result itself.
+MASK_CHUNK_BYTES = 64 << 20
 
 
 def query_scores(logits: Tensor, objectness: Tensor) -> tuple[Tensor, Tensor]:
@@ -45,6 +58,23 @@ def upsample_masks(mask_prob: Tensor, padded_size: tuple[int, int], image_size: 
     return m[0]
 
 
+def binary_masks(mask_prob: Tensor, padded_size: tuple[int, int], image_size: tuple[int, int],
+                 orig_size: tuple[int, int], threshold: float,
+                 chunk_bytes: int = MASK_CHUNK_BYTES) -> Tensor:
+    """(K, h4, w4) probabilities -> (K, H0, W0) bool masks, `upsample_masks` > threshold.
+
+    Made in chunks of instances so the float intermediates never exceed ~chunk_bytes (at least
+    one instance: H0 x W0 floats); each instance is resized on its own channel, so the result is
+    bit-identical to upsampling all K at once."""
+    h0, w0 = orig_size
+    out = torch.empty((len(mask_prob), h0, w0), dtype=torch.bool, device=mask_prob.device)
+    step = max(1, chunk_bytes // (4 * h0 * w0))  # instances per chunk
+    for s in range(0, len(mask_prob), step):
+        out[s:s + step] = upsample_masks(mask_prob[s:s + step], padded_size, image_size,
+                                         orig_size) > threshold  # (k, H0, W0)
+    return out
+
+
 def postprocess_image(logits: Tensor, objectness: Tensor, mask_logits: Tensor,
                       padded_size: tuple[int, int], image_size: tuple[int, int],
                       orig_size: tuple[int, int], cfg: InferenceConfig = InferenceConfig()
@@ -58,10 +88,10 @@ def postprocess_image(logits: Tensor, objectness: Tensor, mask_logits: Tensor,
     scores, labels = query_scores(logits.float(), objectness.float())  # (N,), (N,)
     keep = scores > cfg.score_threshold
     scores, labels, mask_prob = scores[keep], labels[keep], mask_logits[keep].float().sigmoid()
-    scores = scores * maskness(mask_prob, cfg.mask_threshold)
+    scores = scores * maskness(mask_prob, cfg.mask_threshold)  # (K,) final scores
     order = scores.argsort(descending=True)[: cfg.max_detections]
+    if cfg.conf is not None:  # prediction: drop what --conf drops before any upsampling
+        order = order[scores[order] > cfg.conf]
     scores, labels, mask_prob = scores[order], labels[order], mask_prob[order]
-    masks = torch.zeros((0, *orig_size), dtype=torch.bool)
-    if len(order):  # post-processing on the kept instances only
-        masks = upsample_masks(mask_prob, padded_size, image_size, orig_size) > cfg.mask_threshold
-    return {"labels": labels, "scores": scores, "masks": masks}
+    masks = binary_masks(mask_prob, padded_size, image_size, orig_size, cfg.mask_threshold)
+    return {"labels": labels, "scores": scores, "masks": masks}  # masks (K, H0, W0) bool

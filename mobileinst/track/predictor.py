@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..errors import MobileInstError
-from ..models.postprocess import InferenceConfig, maskness, upsample_masks
+from ..models.postprocess import InferenceConfig, binary_masks, maskness
 from ..predict import preprocess
 from .tracker import Track, Tracker, TrackerConfig
 
@@ -115,7 +115,7 @@ class VideoPredictor:
         masks = np.zeros((0, *orig), bool)
         if tracks:
             slots = torch.tensor([t.slot for t in tracks], device=prob.device)
-            masks = (upsample_masks(prob[slots], padded, size, orig) > self.mask_threshold).cpu().numpy()
+            masks = binary_masks(prob[slots], padded, size, orig, self.mask_threshold).cpu().numpy()
         labels = np.array([t.label for t in tracks], np.int64)
         return TrackedFrame(self.frame, key, np.array([t.id for t in tracks], np.int64), labels,
                             np.array([t.score for t in tracks], np.float32), masks,
