@@ -94,6 +94,8 @@ ERRORS = [
     ("export out under a file", ["export", "--weights", "{last}", "--out", "{root}/a_file/m.onnx"],
      "cannot be created"),
     ("export batch 0", ["export", "--weights", "{last}", "--batch", "0"], "--batch must be in"),
+    ("export features not onnx", ["export", "--weights", "{last}", "--part", "features", "--format",
+                                  "ncnn"], "--part features is for --format onnx"),
     ("track conf 2", ["track", "--weights", "{last}", "--source", "{frames}", "--out-dir", "{root}/t",
                       "--conf", "2"], "--conf must be in"),
     ("track conf nan", ["track", "--weights", "{last}", "--source", "{frames}", "--out-dir", "{root}/t",

@@ -46,6 +46,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch", type=int, default=1, help="fixed batch size (default 1)")
     p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=True,
                    help="onnxslim the graph (default on)")
+    p.add_argument("--part", choices=("full", "features"), default="full",
+                   help="full: the whole network (default); features: backbone + mask decoder only "
+                        "(images -> mask_features), the graph `track --reuse` runs between key frames")
     p.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=False,
                    help="scores, top-k, mask upsampling and thresholding inside the graph")
     p.add_argument("--max-det", type=int, default=None,
@@ -94,6 +97,8 @@ def run(args: argparse.Namespace) -> None:
         raise MobileInstError("--int8 needs --calib: a folder of real images or a DATA yaml")
     if args.int8 and args.format != "onnx":
         raise MobileInstError("--int8 is for --format onnx")
+    if args.part != "full" and args.format != "onnx":
+        raise MobileInstError("--part features is for --format onnx")
     model, names, train_imgsz, meta = load_model(args)
     hw = parse_imgsz(args.imgsz)
     out = Path(args.out) if args.out else default_out(args)
@@ -111,7 +116,7 @@ def run(args: argparse.Namespace) -> None:
     path = export_onnx(model, out, imgsz=hw, dynamic=args.dynamic, simplify=args.simplify,
                        postprocess=args.postprocess, input_dtype=args.input_dtype,
                        opset=args.opset, class_names=names, max_det=args.max_det,
-                       batch=args.batch, metadata=meta)
+                       batch=args.batch, metadata=meta, part=args.part)
     print(f"wrote {path} ({time.perf_counter() - t0:.0f} s): {describe(path)}")
     if args.int8:
         from .quantize import quantize_int8
@@ -198,33 +203,40 @@ def load_predictor(weights: str | Path, backend: str = "torch", imgsz: int | Non
     return OnnxPredictor(path, imgsz=imgsz, conf=conf, threads=threads or 1)
 
 
-def cached_onnx(weights: str | Path) -> Path:
-    """The cached ONNX export of a checkpoint (dynamic, float32 input, raw outputs): reused when
-    its recorded sha256 matches the checkpoint, else (re-)exported (~20 s)."""
+def cached_onnx(weights: str | Path, part: str = "full") -> Path:
+    """The cached ONNX export of a checkpoint (dynamic, float32 input), reused when its recorded
+    sha256 matches the checkpoint, else (re-)exported (~20 s). part "full": the raw-output graph,
+    NAME.cache.onnx; part "features" (backbone + mask decoder, for video kernel reuse):
+    NAME.cache-features.onnx. A read-only folder falls back to ~/.cache/mobileinst/."""
     from ..checkpoint import model_from_checkpoint
-    from .onnx import export_onnx, read_metadata
+    from .onnx import PARTS, export_onnx
     weights = Path(weights)
+    if part not in PARTS:
+        raise MobileInstError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
     if not weights.is_file():
         from ..errors import CheckpointError
         raise CheckpointError(f"{weights}: no such checkpoint file")
     sha = file_sha256(weights)
-    cache = weights.with_name(weights.stem + ".cache.onnx")
-    if cache.is_file():
-        try:
-            if read_metadata(cache).get("source_sha256") == sha:
-                return cache
-        except Exception:  # noqa: BLE001 - a broken cache file is simply rebuilt
-            pass
+    suffix = "" if part == "full" else f"-{part}"
+    cache = weights.with_name(f"{weights.stem}.cache{suffix}.onnx")
+    if _cache_valid(cache, sha):
+        return cache
     model, ckpt = model_from_checkpoint(weights)
     imgsz = (ckpt.get("train_config") or {}).get("imgsz", 640)
     log.warning("exporting %s to ONNX once for onnxruntime (cached in %s)", weights, cache)
-    meta = {"source": weights.name, "source_sha256": sha}
+    kwargs = dict(imgsz=(imgsz, imgsz), dynamic=True, input_dtype="float32", part=part,
+                  class_names=model.class_names, metadata={"source": weights.name, "source_sha256": sha})
     try:
-        return export_onnx(model, cache, imgsz=(imgsz, imgsz), dynamic=True, input_dtype="float32",
-                           class_names=model.class_names, metadata=meta)
+        return export_onnx(model, cache, **kwargs)
     except PermissionError:  # read-only folder: a per-user cache
-        cache = Path.home() / ".cache" / "mobileinst" / f"{sha[:16]}.onnx"
-        if cache.is_file() and read_metadata(cache).get("source_sha256") == sha:
-            return cache
-        return export_onnx(model, cache, imgsz=(imgsz, imgsz), dynamic=True, input_dtype="float32",
-                           class_names=model.class_names, metadata=meta)
+        cache = Path.home() / ".cache" / "mobileinst" / f"{sha[:16]}{suffix}.onnx"
+        return cache if _cache_valid(cache, sha) else export_onnx(model, cache, **kwargs)
+
+
+def _cache_valid(cache: Path, sha: str) -> bool:
+    """The cache file exists and records the checkpoint's sha256 (a broken file is rebuilt)."""
+    from .onnx import read_metadata
+    try:
+        return cache.is_file() and read_metadata(cache).get("source_sha256") == sha
+    except Exception:  # noqa: BLE001 - a broken cache file is simply rebuilt
+        return False

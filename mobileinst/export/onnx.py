@@ -50,11 +50,20 @@ For one padded image whose size is the original one, (labels, scores, masks) equ
 K slots is upsampled to full size, which costs ~1.5 ns per output pixel: export with a smaller
 `max_det` when fewer instances are needed.
 
+The features graph (`part="features"`, for kernel reuse in video)
+-----------------------------------------------------------------
+Backbone + mask decoder (SEMD) only, no instance decoder: same input, same preprocessing, one
+output. A video app runs the raw graph above on key frames and this one on the frames between,
+dotting their mask features with the last key frame's kernels (`mobileinst.track.predictor`).
+
+    mask_features  (B, E, H/8, W/8) float  equal to the raw graph's mask_features
+
 Metadata (`metadata_props`, read with `read_metadata`): producer, mobileinst_version,
 model_name, model_config, class_names, cat_ids (json), input_name, input_dtype, input_layout,
 mean, std, size_divisor, dynamic, input_size ([H, W] or null), batch, imgsz (default short side
 for a dynamic graph), postprocess, outputs (json name -> layout), score_threshold,
-mask_threshold, max_det, exporter.
+mask_threshold, max_det, exporter, graph ("raw", "postprocess" or "features"; graphs
+exported before this key existed are "raw" or "postprocess" by their `postprocess` entry).
 """
 from __future__ import annotations
 
@@ -94,8 +103,10 @@ POSTPROCESS_OUTPUTS = {
     "masks": "(B, K, H, W) uint8 binary masks at the input size",
     "kernels": "(B, K, E) float32 mask kernels of the kept queries",
 }
+FEATURES_OUTPUTS = {"mask_features": RAW_OUTPUTS["mask_features"]}
 SIZE_DIVISOR = 32
 MIN_OPSET = 17
+PARTS = ("full", "features")
 
 
 # -- the graph -------------------------------------------------------------------------------
@@ -118,6 +129,27 @@ class ExportGraph(nn.Module):
         if self.postprocess is None:
             return logits, obj, kernels, mask_feats
         return self.postprocess(logits, obj, kernels, mask_feats, images.shape[-2:])
+
+
+class FeaturesGraph(nn.Module):
+    """The features graph: images (B, 3, H, W) uint8 or float 0..255 -> (mask_features,) of the
+    network's backbone + mask decoder; the frames between video key frames run only this."""
+
+    postprocess = None  # the export helpers ask every graph
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> tuple[Tensor]:
+        return (self.model.features(images.float())[0],)  # (B, E, H/8, W/8)
+
+
+def graph_kind(meta: dict[str, str]) -> str:
+    """"raw", "postprocess" or "features" from a graph's metadata (older files lack `graph`)."""
+    if "graph" in meta:
+        return meta["graph"]
+    return "postprocess" if meta.get("postprocess") == "true" else "raw"
 
 
 class PostProcess(nn.Module):
@@ -200,7 +232,12 @@ def to_input(images_hwc: np.ndarray, dtype: str) -> np.ndarray:
 
 
 # -- export ----------------------------------------------------------------------------------
-def _check_args(imgsz: tuple[int, int], input_dtype: str, opset: int, batch: int) -> None:
+def _check_args(imgsz: tuple[int, int], input_dtype: str, opset: int, batch: int,
+                part: str = "full", postprocess: bool = False) -> None:
+    if part not in PARTS:
+        raise MobileInstError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
+    if part == "features" and postprocess:
+        raise MobileInstError("the features graph has no post-processing (it outputs mask features only)")
     if input_dtype not in ("uint8", "float32"):
         raise MobileInstError(f"input_dtype must be 'uint8' or 'float32', got {input_dtype!r}")
     if opset < MIN_OPSET:
@@ -230,7 +267,7 @@ def _quiet():
             lg.setLevel(lv)
 
 
-def _torch_export(graph: ExportGraph, example: Tensor, dynamic: bool, opset: int,
+def _torch_export(graph: ExportGraph | FeaturesGraph, example: Tensor, dynamic: bool, opset: int,
                   output_names: list[str]):
     """torch.onnx.export with the dynamo exporter (fallback: the TorchScript one) -> (ModelProto, name)."""
     from torch.export import Dim
@@ -302,8 +339,8 @@ def run_proto(proto, images: np.ndarray, threads: int = 1) -> dict[str, np.ndarr
     return dict(zip(names, sess.run(None, {sess.get_inputs()[0].name: images})))
 
 
-def _metadata(model: nn.Module, graph: ExportGraph, imgsz: tuple[int, int], dynamic: bool,
-              batch: int, input_dtype: str, class_names: list[str] | None, exporter: str,
+def _metadata(model: nn.Module, graph: ExportGraph | FeaturesGraph, imgsz: tuple[int, int],
+              dynamic: bool, batch: int, input_dtype: str, class_names: list[str] | None, exporter: str,
               extra: dict[str, Any]) -> dict[str, str]:
     from .. import __version__
     cfg = model.cfg
@@ -311,7 +348,9 @@ def _metadata(model: nn.Module, graph: ExportGraph, imgsz: tuple[int, int], dyna
                  [str(i) for i in range(cfg.num_classes)])
     if len(names) != cfg.num_classes:
         raise MobileInstError(f"{len(names)} class names for a model with {cfg.num_classes} classes")
-    outputs = RAW_OUTPUTS if graph.postprocess is None else POSTPROCESS_OUTPUTS
+    kind = "features" if isinstance(graph, FeaturesGraph) else \
+        ("raw" if graph.postprocess is None else "postprocess")
+    outputs = {"raw": RAW_OUTPUTS, "postprocess": POSTPROCESS_OUTPUTS, "features": FEATURES_OUTPUTS}[kind]
     pp = graph.postprocess if graph.postprocess is not None else PostProcess(model, None)
     meta = {
         "producer": "mobileinst",
@@ -337,6 +376,7 @@ def _metadata(model: nn.Module, graph: ExportGraph, imgsz: tuple[int, int], dyna
         "mask_threshold": str(pp.mask_threshold),
         "max_det": str(pp.max_det),
         "exporter": exporter,
+        "graph": kind,
     }
     meta.update({str(k): v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
     return meta
@@ -361,7 +401,7 @@ def export_onnx(model: nn.Module, out: str | Path, imgsz: tuple[int, int] | int 
                 dynamic: bool = False, simplify: bool = True, postprocess: bool = False,
                 input_dtype: str = "uint8", opset: int = 18, class_names: list[str] | None = None,
                 max_det: int | None = None, batch: int = 1, fuse: bool = True, verify: bool = True,
-                metadata: dict[str, Any] | None = None) -> Path:
+                metadata: dict[str, Any] | None = None, part: str = "full") -> Path:
     """Export a MobileInst network to ONNX; returns the written path.
 
     imgsz: (H, W) of a fixed graph (default 640 x 640); with `dynamic` only the example size
@@ -375,16 +415,21 @@ def export_onnx(model: nn.Module, out: str | Path, imgsz: tuple[int, int] | int 
     verify: run the exported graph in onnxruntime on a natural-looking image and compare with
       PyTorch; a mismatch raises MobileInstError.
     metadata: extra key -> value pairs for metadata_props (values json-encoded unless str).
+    part: "full" (the whole network) or "features" (backbone + mask decoder only: images ->
+      mask_features, for the frames between video key frames; metadata `graph: features`).
     The layout and decoding of the outputs are in this module's docstring.
     """
     import onnx
     hw = (640, 640) if imgsz is None else ((imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz))
-    _check_args(hw, input_dtype, opset, batch)
+    _check_args(hw, input_dtype, opset, batch, part, postprocess)
     out = Path(out)
     net = fuse_conv_bn(model) if fuse else model
     net.eval()
-    graph = ExportGraph(net, postprocess, max_det).eval()
-    output_names = list(POSTPROCESS_OUTPUTS if postprocess else RAW_OUTPUTS)
+    if part == "features":
+        graph, output_names = FeaturesGraph(net).eval(), list(FEATURES_OUTPUTS)
+    else:
+        graph = ExportGraph(net, postprocess, max_det).eval()
+        output_names = list(POSTPROCESS_OUTPUTS if postprocess else RAW_OUTPUTS)
     n_example = max(2, batch) if dynamic else batch
     example = to_input(example_images(n_example, *hw), input_dtype)
     check = example[:1] if dynamic or batch == 1 else example
@@ -422,7 +467,7 @@ def _version() -> str:
 
 
 @torch.no_grad()
-def _verify(graph: ExportGraph, proto, images: np.ndarray) -> dict[str, float]:
+def _verify(graph: ExportGraph | FeaturesGraph, proto, images: np.ndarray) -> dict[str, float]:
     """Compare the ONNX graph with PyTorch on `images`; MobileInstError on a real mismatch.
 
     Raw outputs: max abs difference <= 1e-3 of the output's magnitude (float rounding differs
@@ -467,5 +512,6 @@ def parse_imgsz(values: Sequence[int] | int | None) -> tuple[int, int] | None:
     raise MobileInstError(f"--imgsz takes S or H W, got {values}")
 
 
-__all__ = ["export_onnx", "read_metadata", "example_images", "ExportGraph", "RAW_OUTPUTS",
-           "POSTPROCESS_OUTPUTS", "INPUT_NAME", "POSTPROCESS_PREFIX"]
+__all__ = ["export_onnx", "read_metadata", "example_images", "ExportGraph", "FeaturesGraph",
+           "graph_kind", "RAW_OUTPUTS", "POSTPROCESS_OUTPUTS", "FEATURES_OUTPUTS", "INPUT_NAME",
+           "POSTPROCESS_PREFIX"]

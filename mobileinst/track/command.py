@@ -8,14 +8,18 @@ def cmd_track(args: argparse.Namespace) -> None:
     from .run import track_source
     s = track_source(args.weights, args.source, args.out_dir, reuse=args.reuse, conf=args.conf,
                      imgsz=args.imgsz, patience=args.patience, video_id=args.video_id,
-                     device=args.device, save_video=args.video)
+                     device=args.device, save_video=args.video, backend=args.backend,
+                     threads=args.threads, features=args.features)
     print(f"{s['frames_done']} frames, {s['tracks']} tracks, {s['fps']:.1f} frames/s; "
           f"{'overlay ' + s['video'] + ', ' if s['video'] else ''}results {s['results']}")
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("track", help="video instance segmentation: overlay mp4 + YouTube-VIS json")
-    p.add_argument("--weights", required=True, help="a .pt checkpoint")
+    from ..export.command import add_backend_option
+    p.add_argument("--weights", required=True,
+                   help="a .pt checkpoint, or with --backend onnxruntime the key-frame .onnx (raw "
+                        "outputs) from `mobileinst export`")
     p.add_argument("--source", required=True, help="a video file, a folder of frames, or a glob")
     p.add_argument("--out-dir", required=True, help="folder for <name>.mp4, results.json, summary.json")
     p.add_argument("--reuse", type=int, default=1,
@@ -29,4 +33,9 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: CUDA when available)")
     p.add_argument("--video", action=argparse.BooleanOptionalAction, default=True,
                    help="write the overlay mp4 (default on); --no-video writes the json only")
+    add_backend_option(p)
+    p.add_argument("--features", default=None,
+                   help="onnxruntime with an .onnx --weights and --reuse > 1: the features graph of "
+                        "the same model (export_onnx(..., part='features')); a .pt exports both "
+                        "graphs once, cached as NAME.cache.onnx and NAME.cache-features.onnx")
     p.set_defaults(func=cmd_track)

@@ -1,11 +1,15 @@
 """`mobileinst track` as a function: a source -> overlay mp4 + YouTube-VIS results json.
 
     track_source("best.pt", "clip.mp4", "runs/track/exp", reuse=3)
+    track_source("best.pt", "clip.mp4", "runs/track/ort", reuse=3, backend="onnxruntime", threads=1)
+    track_source("best.onnx", "clip.mp4", "runs/track/ort", reuse=3, backend="onnxruntime",
+                 features="best-features.onnx")
 
 Writes, in out_dir:
   <name>.mp4     the frames with each track's mask, outline and "#id class score" (one colour per id)
   results.json   YouTube-VIS results (`results.TrackResults`), evaluable with `mobileinst eval --video`
-  summary.json   source, frames done / total, complete (false after an interruption), settings, fps
+  summary.json   source, frames done / total, complete (false after an interruption), settings
+                 (backend included), fps
 
 The json files are written in a `finally` block and the mp4 writer is released there too, so an
 exception or Ctrl-C mid-video leaves valid files covering the frames finished (summary.json says
@@ -34,8 +38,11 @@ def overlay(image: np.ndarray, out: TrackedFrame) -> np.ndarray:
 def track_source(weights: str | Path | VideoPredictor, source: str | Path, out_dir: str | Path,
                  reuse: int = 1, conf: float = 0.3, imgsz: int | None = None, patience: int = 10,
                  video_id: int = 1, device: str = "cpu", save_video: bool = True,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, backend: str = "torch", threads: int | None = None,
+                 features: str | Path | None = None) -> dict:
     """Track every frame of `source` (video file, frame folder or glob); see the module docstring.
+    backend "onnxruntime" runs a .pt exported once to cached graphs beside it, or a key-frame .onnx
+    plus its `features` graph (`VideoPredictor.from_weights`); threads: the network's CPU threads.
     Returns the summary (also written to summary.json)."""
     from tqdm import tqdm
 
@@ -44,6 +51,7 @@ def track_source(weights: str | Path | VideoPredictor, source: str | Path, out_d
     check_range("--reuse", reuse, 1, 10000)
     check_range("--patience", patience, 0, 10**6)
     check_range("--imgsz", imgsz, *IMGSZ_RANGE)
+    check_range("--threads", threads, 1, 1024)
     if not isinstance(weights, VideoPredictor):
         device = str(resolve_device(device))
     check_output_dir(out_dir, "track output folder (--out-dir)")
@@ -53,15 +61,17 @@ def track_source(weights: str | Path | VideoPredictor, source: str | Path, out_d
         vp.reset()
     else:
         kwargs = {"imgsz": imgsz} if imgsz else {}
-        vp = VideoPredictor.from_checkpoint(weights, device=device, reuse=reuse, conf=conf,
-                                            patience=patience, **kwargs)
+        vp = VideoPredictor.from_weights(weights, backend, device=device, threads=threads,
+                                         features=features, reuse=reuse, conf=conf,
+                                         patience=patience, **kwargs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = TrackResults(video_id, vp.cat_ids, vp.class_names)
     video_path = out / f"{frames.name}.mp4"
     writer = Mp4Writer(video_path, frames.fps) if save_video else None
     summary = {"source": str(source), "frames_done": 0, "frames_total": frames.length,
-               "complete": False, "reuse": vp.reuse, "conf": vp.tracker.cfg.start_score,
+               "complete": False, "backend": "torch" if vp.model is not None else "onnxruntime",
+               "reuse": vp.reuse, "conf": vp.tracker.cfg.start_score,
                "patience": vp.tracker.cfg.patience, "imgsz": vp.imgsz,
                "video": str(video_path) if save_video else None, "results": str(out / "results.json")}
     t0 = time.perf_counter()
