@@ -21,7 +21,9 @@ from .train.engine import train
 
 def demo_config(data_yaml: Path, out_dir: Path, fast: bool, seed: int = 0) -> TrainConfig:
     preset = resources.files("mobileinst") / "configs" / "hard_cpu.yaml"
-    cfg = TrainConfig.from_yaml(preset, data=str(data_yaml), out_dir=str(out_dir), seed=seed)
+    # exist_ok: the demo owns its folder, so running it again replaces its previous run
+    cfg = TrainConfig.from_yaml(preset, data=str(data_yaml), out_dir=str(out_dir), seed=seed,
+                                exist_ok=True)
     if fast:  # a smoke test of every step, not a model worth anything
         cfg.iters, cfg.eval_interval = 4, 4
     return cfg

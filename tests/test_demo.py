@@ -20,6 +20,7 @@ def test_demo_fast_runs_every_step(tmp_path, capsys):
     assert isinstance(results, list)
     assert (out / "predict" / "predictions.json").is_file()
     assert any((out / "track").glob("*.mp4"))
+    assert main(["demo", "--fast", "--out", str(out)]) == 0  # `make demo` again replaces its run
 
 
 @pytest.mark.slow
