@@ -51,7 +51,7 @@ RUNS = {
 def train_one(name: str, options: dict, data: Path, out: Path, threads: int) -> Path:
     """Train one run in its own process (its own thread count); return its best.pt."""
     run_dir = out / name
-    cfg = {"data": str(data), "out_dir": str(run_dir), **options}
+    cfg = {"data": str(data), "out_dir": str(run_dir), "exist_ok": True, **options}  # a rerun replaces
     code = ("import json, sys; from importlib import resources; from mobileinst.train.config import TrainConfig; "
             "from mobileinst.train.engine import train; "
             "preset = resources.files('mobileinst') / 'configs' / 'demo.yaml'; "

@@ -77,7 +77,7 @@ def mobileinst_config(job: dict):
     model, weights = MOBILEINST[job["model"]]
     return TrainConfig.from_yaml(job["cfg"], data=job["data"], out_dir=job["out"], model=model,
                                  backbone_weights=weights, imgsz=job["imgsz"], seed=job["seed"],
-                                 workers=job["workers"], device="cpu")
+                                 workers=job["workers"], device="cpu", exist_ok=True)  # a rerun replaces
 
 
 def batches(trainer):

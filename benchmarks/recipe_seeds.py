@@ -42,7 +42,7 @@ def cpu_model() -> str:
 
 def run_seed(cfg: str, data: Path, out: Path, seed: int, threads: int, extra: list[str]) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = CLI + ["train", "--data", str(data), "--cfg", cfg, "--seed", str(seed), "--out-dir", str(out)] + extra
+    cmd = CLI + ["train", "--data", str(data), "--cfg", cfg, "--seed", str(seed), "--out-dir", str(out), "--exist-ok"] + extra
     with open(out.parent / f"{out.name}.log", "w") as log:
         code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
     if code != 0:
