@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup test test-slow demo bench-peers clean
+.PHONY: setup test test-slow test-runtimes demo bench-peers clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,15 @@ test: $(STAMP)
 # Two workers: the ONNX exports are mostly single-threaded Python (~35 min in all on 2 cores).
 test-slow: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 -p no:cacheprovider -m slow tests --durations=15 || test $$? -eq 5
+
+# The mobile runtimes (not in CI: ~1.6 GB from the registry): OpenVINO, NCNN, ExecuTorch and LiteRT
+# load and run their own exports in tests/test_runtimes.py, CoreML converts only (predictions need
+# macOS); ~2 min to install, ~8-11 min of tests on 2 cores. torch==2.13.0 is named in the same pip
+# run so the resolver keeps the CPU build (every pin accepts it).
+test-runtimes: $(STAMP)
+	$(BIN)/python -m pip install -q torch==2.13.0 -e '.[dev,openvino,ncnn,executorch,litert,coreml]'
+	$(BIN)/python -c "import torch; assert torch.__version__.split('+')[0] == '2.13.0', torch.__version__"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m 'slow or not slow' tests/test_runtimes.py tests/test_export.py -k "runtime or ncnn or executorch or litert or coreml or openvino" --durations=10
 
 demo: $(STAMP)
 	$(BIN)/mobileinst demo

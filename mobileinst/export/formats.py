@@ -1,20 +1,29 @@
-"""Mobile runtimes beyond ONNX: NCNN (pnnx), ExecuTorch (XNNPACK .pte), LiteRT (.tflite), CoreML.
+"""Mobile runtimes beyond ONNX: OpenVINO IR, NCNN (pnnx), ExecuTorch (XNNPACK .pte), LiteRT
+(.tflite), CoreML.
 
 Each format lives behind an optional extra (`pip install mobileinst[ncnn]`, ...) because their
 converters are large (LiteRT's pulls ~2 GB, /shared/spec/ecosystem.md §2). Every format exports the
 same module as the raw ONNX graph (`ExportGraph`, float32 RGB 0..255 NCHW in, normalisation inside;
 outputs logits, objectness, kernels, mask_features) at a fixed size, batch 1; decode the outputs
-as the ONNX docstring (`mobileinst.export.onnx`) says. Converter quirks, all from ecosystem.md §2:
+as the ONNX docstring (`mobileinst.export.onnx`) says. Beside each file a sidecar json
+(`metadata_path`) holds the same metadata as an ONNX export (class names, input size, model
+config, thresholds), which `mobileinst.export.backends.RuntimePredictor` reads. Converter quirks,
+from ecosystem.md §2 and tests/test_runtimes.py:
+- OpenVINO converts the module directly (`openvino.convert_model`; it also reads an ONNX file);
+  the IR is saved in float32 (save_model's default would compress the weights to fp16).
 - pnnx traces with TorchScript; its trace check fails on attention ("Graphs differed across
   invocations"), so it runs with check_trace=False, fp16=False. NCNN drops the batch dimension and
-  names blobs in0 / out0..out3.
+  names blobs in0 / out0..out3. The x86 runtime defaults to fp16 storage (outputs off by ~5e-2):
+  the backend turns it off for float32 parity.
 - CoreML converts from a torch.export ExportedProgram (the TorchScript route fails); predictions
-  only run on macOS, so off macOS this is conversion only.
+  only run on macOS, so off macOS this is conversion only. coremltools 9.0 lacks aten.__and__,
+  which `ops.adaptive_avg_pool2d` uses: it is mapped to bitwise_and's converter.
 - LiteRT keeps the NCHW layout.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import shutil
 import tempfile
@@ -31,6 +40,7 @@ log = logging.getLogger("mobileinst.export")
 
 # format -> (python module that must import, pip extra)
 REQUIREMENTS = {
+    "openvino": ("openvino", "openvino"),
     "ncnn": ("pnnx", "ncnn"),
     "executorch": ("executorch", "executorch"),
     "litert": ("litert_torch", "litert"),
@@ -52,6 +62,19 @@ def graph_and_input(model: nn.Module, hw: tuple[int, int]) -> tuple[nn.Module, t
     graph = ExportGraph(fuse_conv_bn(model.eval())).eval()
     x = torch.randint(0, 256, (1, 3, *hw), generator=torch.Generator().manual_seed(0)).float()
     return graph, x
+
+
+def to_openvino(graph: nn.Module, x: torch.Tensor, out: Path) -> Path:
+    """OUT.xml + OUT.bin (OpenVINO IR, float32 weights); input `images`, outputs named as ONNX's."""
+    import openvino as ov
+    from .onnx import INPUT_NAME, RAW_OUTPUTS
+    ir = ov.convert_model(graph, example_input=x, input=[tuple(x.shape)])
+    ir.inputs[0].get_tensor().set_names({INPUT_NAME})
+    for port, name in zip(ir.outputs, RAW_OUTPUTS):
+        port.get_tensor().set_names({name})
+    xml = out.with_suffix(".xml")
+    ov.save_model(ir, str(xml), compress_to_fp16=False)
+    return xml
 
 
 def to_ncnn(graph: nn.Module, x: torch.Tensor, out: Path) -> Path:
@@ -83,19 +106,65 @@ def to_litert(graph: nn.Module, x: torch.Tensor, out: Path) -> Path:
 
 
 def to_coreml(graph: nn.Module, x: torch.Tensor, out: Path) -> Path:
+    """An .mlpackage (ML program, fp16 compute: coremltools' default, what the Neural Engine
+    runs); input `images`, outputs named as ONNX's."""
     import coremltools as ct
+    from .onnx import INPUT_NAME, RAW_OUTPUTS
+    _coreml_and_alias()
     exported = torch.export.export(graph, (x,)).run_decompositions({})
-    ct.convert(exported, convert_to="mlprogram").save(str(out))
+    ml = ct.convert(exported, convert_to="mlprogram")
+    spec = ml.get_spec()
+    names = [o.name for o in spec.description.output]
+    for old, new in zip(names, RAW_OUTPUTS):
+        ct.utils.rename_feature(spec, old, new)
+    if spec.description.input[0].name != INPUT_NAME:
+        ct.utils.rename_feature(spec, spec.description.input[0].name, INPUT_NAME)
+    ct.models.MLModel(spec, weights_dir=ml.weights_dir, skip_model_load=True).save(str(out))
     return out
 
 
+def _coreml_and_alias() -> None:
+    """coremltools 9.0 has no converter for aten.__and__ (the pooling matrices of
+    `ops.adaptive_avg_pool2d` build their masks with `&`): map it to bitwise_and's."""
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
+    if "__and__" not in _TORCH_OPS_REGISTRY.name_to_func_mapping:
+        _TORCH_OPS_REGISTRY.set_func_by_name(_TORCH_OPS_REGISTRY.get_func("bitwise_and"), "__and__")
+
+
 CONVERTERS: dict[str, Callable[[nn.Module, torch.Tensor, Path], Path]] = {
-    "ncnn": to_ncnn, "executorch": to_executorch, "litert": to_litert, "coreml": to_coreml,
+    "openvino": to_openvino, "ncnn": to_ncnn, "executorch": to_executorch, "litert": to_litert,
+    "coreml": to_coreml,
 }
 
 
-def export_format(fmt: str, model: nn.Module, out: str | Path, hw: tuple[int, int]) -> Path:
-    """Export `model` to `fmt` at a fixed (H, W), batch 1, raw outputs; returns the written path."""
+def metadata_path(path: str | Path) -> Path:
+    """Where the sidecar metadata of an exported file lives: FOLDER/mobileinst.json for an NCNN
+    folder (or its model.ncnn.param), else PATH.json beside it (m.tflite -> m.tflite.json,
+    m.xml -> m.xml.json, m.mlpackage -> m.mlpackage.json)."""
+    path = Path(path)
+    if path.name == "model.ncnn.param":
+        path = path.parent
+    if (path / "model.ncnn.param").is_file():
+        return path / "mobileinst.json"
+    return path.with_name(path.name + ".json")
+
+
+def write_metadata(model: nn.Module, graph: nn.Module, hw: tuple[int, int], fmt: str, path: Path,
+                   class_names: list[str] | None, extra: dict | None) -> Path:
+    """The ONNX export's metadata (`mobileinst.export.onnx`) for a float32, fixed, batch-1 graph."""
+    from .onnx import _metadata
+    meta = _metadata(model, graph, hw, False, 1, "float32", class_names, fmt,
+                     {"format": fmt, **(extra or {})})
+    side = metadata_path(path)
+    side.write_text(json.dumps(meta, indent=1))
+    return side
+
+
+def export_format(fmt: str, model: nn.Module, out: str | Path, hw: tuple[int, int],
+                  class_names: list[str] | None = None, metadata: dict | None = None) -> Path:
+    """Export `model` to `fmt` at a fixed (H, W), batch 1, raw outputs; returns the written path
+    (for openvino OUT with the suffix .xml). The sidecar metadata is written beside it
+    (`metadata_path`); `metadata` adds entries to it."""
     if fmt not in CONVERTERS:
         raise MobileInstError(f"unknown format {fmt!r}; choose from onnx, {', '.join(CONVERTERS)}")
     if hw[0] % 32 or hw[1] % 32:
@@ -106,7 +175,9 @@ def export_format(fmt: str, model: nn.Module, out: str | Path, hw: tuple[int, in
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         with torch.no_grad():
-            return CONVERTERS[fmt](graph, x, out)
+            path = CONVERTERS[fmt](graph, x, out)
+        write_metadata(model, graph, hw, fmt, path, class_names, metadata)
+        return path
     except MobileInstError:
         raise
     except Exception as e:  # noqa: BLE001 - converters fail in their own ways; name the step

@@ -132,6 +132,11 @@ class OnnxPredictor(Predictor):
         meta = self.meta
         self.input = self.session.get_inputs()[0]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.configure(meta, imgsz, max_size, conf, class_names)
+
+    def configure(self, meta: dict[str, str], imgsz: int | None = None, max_size: int | None = None,
+                  conf: float = 0.3, class_names: list[str] | None = None) -> None:
+        """The predictor's settings from a mobileinst export's metadata (any runtime's file)."""
         self.input_dtype = np.dtype(meta.get("input_dtype", "uint8"))
         self.dynamic = json.loads(meta.get("dynamic", "false"))
         self.input_size = tuple(json.loads(meta.get("input_size", "null")) or ()) or None
