@@ -208,3 +208,27 @@ def test_missing_metadata_is_a_clear_error(model, exports, tmp_path):
     shutil.copytree(path, tmp_path / "m_ncnn", ignore=shutil.ignore_patterns("*.json"))
     with pytest.raises(CheckpointError, match=r"no .*mobileinst\.json \(written by"):
         RuntimePredictor(tmp_path / "m_ncnn")
+
+
+@pytest.mark.slow
+def test_cli_export_predict_val_on_openvino(tmp_path, capsys):
+    """`export --format openvino`, then `predict` / `val --backend openvino` on the file; a .pt
+    given to a runtime backend says how to export it."""
+    pytest.importorskip("openvino")
+    from mobileinst.cli import main
+    from mobileinst.train.config import TrainConfig
+    from mobileinst.train.engine import train
+    data = make_synthetic_coco(tmp_path / "synth", n_train=4, n_val=2, seed=0)
+    train(TrainConfig(data=str(data), out_dir=str(tmp_path / "run"), iters=2, imgsz=128, batch=2,
+                      workers=0, num_queries=8, model="mobileinst-topformer-t"))
+    pt = tmp_path / "run" / "weights" / "last.pt"
+    xml = tmp_path / "m.xml"
+    assert main(["export", "--weights", str(pt), "--format", "openvino", "--imgsz", "128", "128",
+                 "--out", str(xml)]) == 0
+    assert main(["predict", "--weights", str(xml), "--backend", "openvino", "--source",
+                 str(data.parent / "val"), "--conf", "0", "--out-dir", str(tmp_path / "p")]) == 0
+    assert "2 images" in capsys.readouterr().out
+    assert main(["val", "--weights", str(xml), "--backend", "openvino", "--data", str(data)]) == 0
+    assert main(["predict", "--weights", str(pt), "--backend", "openvino", "--source",
+                 str(data.parent / "val")]) == 2
+    assert "mobileinst export --weights" in capsys.readouterr().err

@@ -66,9 +66,10 @@ def predict_images(predictor, dataset, progress: bool = True) -> list[dict]:
 
 
 def validate_onnxruntime(weights: str, data: str, out: str | None = None, imgsz: int | None = None,
-                         threads: int | None = None) -> CocoMetrics:
-    """`mobileinst val --backend onnxruntime`: an .onnx (or a .pt, exported once and cached) on a
-    COCO DATA file's val split, one image at a time, at the evaluation threshold."""
+                         threads: int | None = None, backend: str = "onnxruntime") -> CocoMetrics:
+    """`mobileinst val --backend onnxruntime` (or another runtime's backend): an exported file (or
+    for onnxruntime a .pt, exported once and cached) on a COCO DATA file's val split, one image at
+    a time, at the evaluation threshold."""
     from ..data.coco import CocoInstances
     from ..data.config import load_data_config
     from ..errors import DataError, MobileInstError
@@ -79,7 +80,7 @@ def validate_onnxruntime(weights: str, data: str, out: str | None = None, imgsz:
     if cfg.format == "ytvis":
         raise MobileInstError(f"{data}: video val runs the tracker, which needs the PyTorch model "
                               "(--backend torch)")
-    predictor = load_predictor(weights, backend="onnxruntime", imgsz=imgsz,
+    predictor = load_predictor(weights, backend=backend, imgsz=imgsz,
                                conf=InferenceConfig().score_threshold, threads=threads)
     dataset = CocoInstances(cfg.val.json, cfg.val.images, None, cfg.names)
     if len(dataset.class_names) != len(predictor.class_names):
@@ -112,8 +113,8 @@ def validate(weights: str, data: str, out: str | None = None, imgsz: int | None 
     dev = resolve_device(device)
     if out:
         check_output_file(out, "results json (--out)")
-    if backend == "onnxruntime":
-        return validate_onnxruntime(weights, data, out, imgsz, threads)
+    if backend != "torch":
+        return validate_onnxruntime(weights, data, out, imgsz, threads, backend)
     if threads:
         torch.set_num_threads(threads)
     model, ckpt = model_from_checkpoint(weights)

@@ -23,8 +23,9 @@ from ..errors import MobileInstError
 from ..utils import resolve_device
 
 log = logging.getLogger("mobileinst.export")
-FORMATS = ("onnx", "ncnn", "executorch", "litert", "coreml")
-BACKENDS = ("torch", "onnxruntime")
+FORMATS = ("onnx", "openvino", "ncnn", "executorch", "litert", "coreml")
+RUNTIME_BACKENDS = ("openvino", "ncnn", "executorch", "litert")  # export/backends.py: ready files only
+BACKENDS = ("torch", "onnxruntime", *RUNTIME_BACKENDS)
 
 
 # -- mobileinst export -------------------------------------------------------------------------
@@ -81,7 +82,7 @@ def load_model(args: argparse.Namespace):
 
 
 def default_out(args: argparse.Namespace) -> Path:
-    suffix = {"onnx": ".onnx", "ncnn": "_ncnn", "executorch": ".pte", "litert": ".tflite",
+    suffix = {"onnx": ".onnx", "openvino": ".xml", "ncnn": "_ncnn", "executorch": ".pte", "litert": ".tflite",
               "coreml": ".mlpackage"}[args.format]
     if args.weights:
         w = Path(args.weights)
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> None:
         if args.dynamic or args.postprocess:
             raise MobileInstError(f"--dynamic and --postprocess are for --format onnx "
                                   f"({args.format} graphs are fixed-size, raw outputs)")
-        path = export_format(args.format, model, out, hw or (640, 640))
+        path = export_format(args.format, model, out, hw or (640, 640), class_names=names, metadata=meta)
         print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
         return
     if args.dynamic and hw is None:
@@ -157,11 +158,14 @@ def file_sha256(path: str | Path) -> str:
 
 
 # -- predict --backend ---------------------------------------------------------------------------
-def add_backend_option(parser: argparse.ArgumentParser) -> None:
-    """--backend {torch,onnxruntime} and --threads, for verbs that run a network."""
-    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+def add_backend_option(parser: argparse.ArgumentParser, backends: tuple[str, ...] = BACKENDS) -> None:
+    """--backend and --threads, for verbs that run a network."""
+    others = [b for b in backends if b in RUNTIME_BACKENDS]
+    parser.add_argument("--backend", choices=backends, default="torch",
                         help="torch (a .pt) or onnxruntime (an .onnx from `mobileinst export`, or a "
-                             ".pt exported once to a cached .onnx beside it); default torch")
+                             ".pt exported once to a cached .onnx beside it)"
+                             + (f"; {', '.join(others)}: a file from `mobileinst export --format ...`"
+                                if others else "") + "; default torch")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the network (default: torch's / 1 for onnxruntime)")
 
@@ -197,7 +201,13 @@ def load_predictor(weights: str | Path, backend: str = "torch", imgsz: int | Non
             kwargs["imgsz"] = imgsz
         return Predictor.from_checkpoint(weights, **kwargs)
     if resolve_device(device).type != "cpu" and device != "auto":
-        log.warning("the onnxruntime backend runs on the CPU (ignoring --device %s)", device)
+        log.warning("the %s backend runs on the CPU (ignoring --device %s)", backend, device)
+    if backend in RUNTIME_BACKENDS:
+        if weights.suffix.lower() == ".pt":
+            raise MobileInstError(f"{weights}: --backend {backend} runs an exported file; first: "
+                                  f"mobileinst export --weights {weights} --format {backend}")
+        from .backends import RuntimePredictor
+        return RuntimePredictor(weights, backend=backend, imgsz=imgsz, conf=conf, threads=threads or 1)
     from .runtime import OnnxPredictor
     path = weights if is_onnx else cached_onnx(weights)
     return OnnxPredictor(path, imgsz=imgsz, conf=conf, threads=threads or 1)

@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: CUDA when available)")
     p.add_argument("--video", action=argparse.BooleanOptionalAction, default=True,
                    help="write the overlay mp4 (default on); --no-video writes the json only")
-    add_backend_option(p)
+    add_backend_option(p, backends=("torch", "onnxruntime"))  # the tracker's two VideoNets
     p.add_argument("--features", default=None,
                    help="onnxruntime with an .onnx --weights and --reuse > 1: the features graph of "
                         "the same model (export_onnx(..., part='features')); a .pt exports both "
