@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from recipe_seeds import cpu_model  # benchmarks/ is on sys.path when a script in it runs
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -119,16 +121,6 @@ def run_one(weights: Path, image: Path, out_dir: Path, conf: float, backend: str
         tail = (p.stderr.strip().splitlines() or ["?"])[-1]
         return {"error": f"exit {p.returncode}: {tail[:200]}"}
     return json.loads(p.stdout.strip().splitlines()[-1])
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def backends_available(wanted: list[str]) -> list[str]:

@@ -22,12 +22,12 @@ from typing import Any, Iterator
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .data.coco import read_rgb
 from .errors import DataError, MobileInstError
 from .models.mobileinst import PIXEL_MEAN
 from .models.postprocess import InferenceConfig
+from .train.run_dir import claim_new_run_dir  # runs/predict/expN, claimed atomically as training's
 from .utils import IMGSZ_RANGE
 
 log = logging.getLogger("mobileinst.predict")
@@ -170,15 +170,6 @@ class Predictor:
             yield path, image, result
 
 
-def next_dir(root: str | Path) -> Path:
-    root = Path(root)
-    for i in range(1, 100000):
-        d = root / ("exp" if i == 1 else f"exp{i}")
-        if not d.exists():
-            return d
-    raise MobileInstError(f"{root}: too many runs")
-
-
 def result_records(result: Result, image_id: int, file_name: str, cat_ids: list[int]) -> list[dict]:
     """COCO-style records of one image (original category ids, RLE masks, boxes from the masks)."""
     from pycocotools import mask as mask_utils
@@ -301,7 +292,7 @@ def predict_source(weights: str | Path, source: str | Path, out_dir: str | Path 
 
     check_predict_options(conf, imgsz, threads)
     files = list_sources(source)  # fail on a bad source before loading anything
-    out = prepare_out_dir(Path(out_dir) if out_dir else next_dir("runs/predict"), save_overlays)
+    out = prepare_out_dir(Path(out_dir) if out_dir else claim_new_run_dir("runs/predict"), save_overlays)
     names = overlay_names(files, source_root(source))
     predictor = load_predictor(weights, backend=backend, imgsz=imgsz, conf=conf, device=device,
                                threads=threads)
