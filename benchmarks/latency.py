@@ -215,7 +215,7 @@ def quantize_peer(fp32: Path, out: Path, imgsz: int) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from mobileinst.export.quantize import _Reader
-    from mobileinst.export.runtime import letterbox
+    from mobileinst.infer.preprocess import letterbox
     batches = [letterbox([im], (imgsz, imgsz))[0].round().byte().numpy() for im in calibration_set()]
     quantize_static(str(fp32), str(out), _Reader("images", batches), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
@@ -251,7 +251,7 @@ def worker(cfg: dict) -> dict:
     import torch
     torch.set_num_threads(cfg["threads"])
     torch.set_num_interop_threads(1)
-    from mobileinst.export.runtime import letterbox
+    from mobileinst.infer.preprocess import letterbox
     imgsz, backend, name = cfg["imgsz"], cfg["backend"], cfg["model"]
     image = test_image()
     orig = image.shape[:2]
@@ -265,7 +265,7 @@ def worker(cfg: dict) -> dict:
     if backend.startswith("ort"):
         import onnxruntime as ort
 
-        from mobileinst.export.runtime import session_options
+        from mobileinst.infer.ort import session_options
         sess = ort.InferenceSession(cfg["onnx"], session_options(cfg["threads"]),
                                     providers=["CPUExecutionProvider"])
         names = [o.name for o in sess.get_outputs()]
@@ -300,7 +300,7 @@ def post(out, backend: str, sizes, orig, imgsz: int, cfg: dict):
     """Reference post-processing of one image, keeping the post_k best queries."""
     import torch
 
-    from mobileinst.export.runtime import decode_raw
+    from mobileinst.infer.predictor import decode_outputs
     from mobileinst.models.postprocess import InferenceConfig, postprocess_image, query_scores
     ort_out = backend.startswith("ort")
     logits = torch.from_numpy(out["logits"][0]) if ort_out else out["pred_logits"][0]
@@ -310,7 +310,7 @@ def post(out, backend: str, sizes, orig, imgsz: int, cfg: dict):
     thr = float(scores.sort(descending=True).values[k - 1]) - 1e-7 if k else 1.0
     icfg = InferenceConfig(thr, 0.45, 100)
     if ort_out:  # masks of the kept queries only, from kernels and mask features
-        return decode_raw(out, (imgsz, imgsz), sizes, [orig], icfg)
+        return decode_outputs(out, (imgsz, imgsz), sizes, [orig], icfg)
     # eager: forward_raw already made every query's stride-4 mask (inside "net")
     return postprocess_image(logits, obj, out["pred_masks"][0], (imgsz, imgsz), sizes[0], orig, icfg)
 

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp)
         weights = make_checkpoint(tmp / "random.pt")
         if "onnxruntime" in backends:  # export once, outside the timed runs
-            from mobileinst.export.command import cached_onnx
+            from mobileinst.infer.factory import cached_onnx
             cached_onnx(weights)
         for size in args.sizes:
             w, h = parse_size(size)

@@ -37,7 +37,6 @@ from scipy.optimize import linear_sum_assignment
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mobileinst.checkpoint import model_from_checkpoint  # noqa: E402
 from mobileinst.data.coco import read_rgb  # noqa: E402
 from mobileinst.data.config import load_data_config  # noqa: E402
 from mobileinst.data.synthetic_video import make_synthetic_ytvis  # noqa: E402
@@ -45,9 +44,11 @@ from mobileinst.data.ytvis import YtvisClips  # noqa: E402
 from mobileinst.evaluate.coco_eval import encode_mask  # noqa: E402
 from mobileinst.evaluate.ytvis_eval import evaluate_ytvis, load_ytvis_json  # noqa: E402
 from mobileinst.models.postprocess import InferenceConfig, maskness, upsample_masks  # noqa: E402
-from mobileinst.predict import preprocess  # noqa: E402
+from mobileinst.infer.factory import load_trained  # noqa: E402
+from mobileinst.infer.model_info import ModelInfo  # noqa: E402
+from mobileinst.infer.preprocess import preprocess  # noqa: E402
 from mobileinst.track.evaluate import EVAL_CONF, predict_videos  # noqa: E402
-from mobileinst.track.predictor import VideoPredictor  # noqa: E402
+from mobileinst.infer.video import VideoPredictor  # noqa: E402
 from mobileinst.track.tracker import TrackerConfig  # noqa: E402
 from mobileinst.utils import keep_freed_memory  # noqa: E402
 
@@ -195,8 +196,8 @@ def main() -> None:
     args = ap.parse_args()
     keep_freed_memory()  # as `mobileinst track` does (cli.main): no page faults per frame
 
-    model, ckpt = model_from_checkpoint(args.weights)
-    imgsz = args.imgsz or (ckpt.get("train_config") or {}).get("imgsz", 640)
+    model, info = load_trained(args.weights)
+    imgsz = args.imgsz or info.imgsz
     data_yaml = Path(args.data) if args.data else make_synthetic_ytvis("runs/track_eval/data", n_train=0)
     data = load_data_config(data_yaml)
     ds = YtvisClips(data.val.json, data.val.images, None, data.names)
@@ -209,8 +210,8 @@ def main() -> None:
     def run(reuse, conf):
         if reuse is None:
             return baseline_records(model, ds, imgsz, conf)
-        return predict_videos(VideoPredictor(model, ds.class_names, imgsz=imgsz, reuse=reuse,
-                                             conf=conf), ds, progress=False)
+        info = ModelInfo.for_model(model.cfg, ds.class_names, ds.cat_ids, imgsz)
+        return predict_videos(VideoPredictor(model, info, reuse=reuse, conf=conf), ds, progress=False)
 
     rows = []
     for name, reuse in [("per-frame + mask-IoU linking (baseline)", None)] + \

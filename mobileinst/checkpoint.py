@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
+from .models.mobileinst import MobileInst
+from .registry import ModelConfig
 
 FORMAT_VERSION = 2  # 2: RNG state as tensors / plain values (loads with weights_only=True)
 # What a format-1 file's pickled NumPy RNG state needs; array reconstruction runs no user code.
@@ -85,10 +87,8 @@ def _unsafe_globals(path: Path) -> str:
 def model_from_checkpoint(path: str | Path, use_ema: bool = True):
     """Rebuild the network a checkpoint describes and load its weights (EMA ones when present).
 
-    Returns (model in eval mode, checkpoint dict)."""
-    from .models.mobileinst import MobileInst
-    from .registry import ModelConfig
-
+    Returns (model in eval mode, checkpoint dict); what the model was trained on (class names,
+    category ids, size) is `infer.model_info.ModelInfo.from_checkpoint(path, ckpt)`."""
     ckpt = load_checkpoint(path)
     try:
         cfg = ModelConfig(**ckpt["model_config"])
@@ -106,20 +106,4 @@ def model_from_checkpoint(path: str | Path, use_ema: bool = True):
             f"{path}: weights do not fit {cfg.name}: {len(result.missing_keys)} missing "
             f"(e.g. {result.missing_keys[:3]}), {len(result.unexpected_keys)} unexpected "
             f"(e.g. {result.unexpected_keys[:3]})")
-    model.class_names = _per_class(path, ckpt, "class_names", cfg.num_classes,
-                                   [str(i) for i in range(cfg.num_classes)])
-    model.cat_ids = _per_class(path, ckpt, "cat_ids", cfg.num_classes, list(range(1, cfg.num_classes + 1)))
     return model.eval(), ckpt
-
-
-def _per_class(path: Path, ckpt: dict, key: str, n: int, default: list) -> list:
-    """ckpt[key] (one entry per class) or the default; a list of the wrong length is refused."""
-    values = ckpt.get(key)
-    if not values:
-        return default
-    if not isinstance(values, (list, tuple)):
-        raise CheckpointError(f"{path}: '{key}' must be a list, got {type(values).__name__}")
-    if len(values) != n:
-        raise CheckpointError(f"{path}: '{key}' has {len(values)} entries but the model has {n} "
-                              "classes (an edited or mixed-up checkpoint)")
-    return list(values)

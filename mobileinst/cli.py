@@ -17,6 +17,7 @@ from .export.command import add_backend_option
 from .export.command import add_parser as add_export_parser
 from .track.command import add_parser as add_track_parser
 from .utils import keep_freed_memory
+from .verb_config import add_cfg_option, config_from_args
 
 
 # -- model inspection ------------------------------------------------------------------------
@@ -29,7 +30,8 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     from .profile import summarize
-    from .registry import build_model, get_config
+    from .models.factory import build_model
+    from .registry import get_config
     from .utils import IMGSZ_RANGE, check_range
     get_config(args.model)  # clear error for an unknown name before building anything
     if len(args.imgsz) > 2:
@@ -122,12 +124,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_val(args: argparse.Namespace) -> None:
     from .evaluate.evaluator import validate
-    metrics = validate(args.weights, args.data, out=args.out, imgsz=args.imgsz, batch=args.batch,
-                       device=args.device, workers=args.workers, backend=args.backend,
-                       threads=args.threads)
+    cfg = config_from_args(args)  # a ValConfig: --cfg file, then the given options
+    metrics = validate(cfg.weights, cfg.data, out=cfg.out, imgsz=cfg.imgsz, batch=cfg.batch,
+                       device=cfg.device, workers=cfg.workers, backend=cfg.backend,
+                       threads=cfg.threads)
     print(metrics.format_table())
-    if args.out:
-        print(f"results written to {args.out}")
+    if cfg.out:
+        print(f"results written to {cfg.out}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -141,9 +144,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from .predict import predict_source
-    summary = predict_source(args.weights, args.source, args.out_dir, conf=args.conf,
-                             imgsz=args.imgsz, device=args.device, backend=args.backend,
-                             save_overlays=args.overlays, threads=args.threads)
+    cfg = config_from_args(args)  # a PredictConfig: --cfg file, then the given options
+    summary = predict_source(cfg.weights, cfg.source, cfg.out_dir, conf=cfg.conf,
+                             imgsz=cfg.imgsz, device=cfg.device, backend=cfg.backend,
+                             save_overlays=cfg.overlays, threads=cfg.threads)
     skipped = summary["skipped_files"]
     names = f": {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}" if skipped else ""
     print(f"{summary['images']} images, {summary['instances']} instances "
@@ -217,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="data-loading processes (default 2)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     add_backend_option(p)
+    add_cfg_option(p, "val")
     p.set_defaults(func=cmd_val)
 
     p = sub.add_parser("eval", help="evaluate any COCO (or --video YouTube-VIS) results file")
@@ -235,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_backend_option(p)
     p.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=True,
                    help="draw overlays/ (default on); --no-overlays writes the json only")
+    add_cfg_option(p, "predict")
     p.set_defaults(func=cmd_predict)
 
     add_track_parser(sub)

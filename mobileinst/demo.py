@@ -12,10 +12,12 @@ from importlib import resources
 from pathlib import Path
 
 from .data.synthetic_hard import make_hard_coco
+from .data.synthetic_video import make_synthetic_ytvis
 from .evaluate.coco_eval import evaluate_coco
 from .evaluate.evaluator import validate
 from .predict import predict_source
 from .train.config import TrainConfig
+from .track.run import track_source
 from .train.engine import train
 
 
@@ -70,8 +72,6 @@ def track_demo(weights: Path, out: Path) -> str:
     """Track one synthetic clip of moving shapes and write its overlay mp4 (seconds on a CPU).
     The clip's shapes are the video set's (data/synthetic_video.py), not the hard set's classes,
     so no video AP is scored here."""
-    from .data.synthetic_video import make_synthetic_ytvis
-    from .track.run import track_source
 
     data = make_synthetic_ytvis(out / "video_data", n_train=0, n_val=1, seed=0)
     return str(track_source(weights, data.parent / "val" / "JPEGImages" / "val_0000", out / "track")["video"])

@@ -1,188 +1,34 @@
-"""Prediction on images: files, folders and globs -> overlays + a JSON of instances.
+"""`mobileinst predict`: images, folders and globs -> overlays + a JSON of instances.
 
-    predictor = Predictor.from_checkpoint("best.pt")
-    result = predictor(image_rgb)            # labels, scores, masks at the image's own size
-    predictor.predict_source("photos/", out_dir="runs/predict/exp")
+    predict_source("best.pt", "photos/", out_dir="runs/predict/exp")   # what the CLI runs
 
-The image is resized so its short side is `imgsz` (long side capped), padded to a multiple of 32
-with the mean pixel, run through the network, and the masks come back at the original size.
+The network runs behind the inference layer's predictor (`mobileinst.infer`: any backend, the
+image resized so its short side is `imgsz`, masks back at the original size); this module is the
+job around it: checking the options and the output folder first, naming overlays, the records.
 """
 from __future__ import annotations
 
-import glob
 import logging
 import math
 import numbers
 import os
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import cv2
-import numpy as np
-import torch
+from tqdm import tqdm
 
 from .data.coco import read_rgb
+from .data.sources import list_sources
 from .errors import DataError, MobileInstError
-from .models.mobileinst import PIXEL_MEAN
-from .models.postprocess import InferenceConfig
+from .infer.factory import load_predictor
+from .infer.predictor import Predictor
+from .infer.results import result_records
 from .train.run_dir import claim_new_run_dir  # runs/predict/expN, claimed atomically as training's
-from .utils import IMGSZ_RANGE
+from .utils import IMGSZ_RANGE, write_json
+from .viz import color, draw_instances, save_rgb
 
 log = logging.getLogger("mobileinst.predict")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-@dataclass
-class Result:
-    """Instances of one image: labels (K,), scores (K,), masks (K, H, W) bool, sorted by score."""
-    labels: np.ndarray
-    scores: np.ndarray
-    masks: np.ndarray
-    names: list[str] = field(default_factory=list)  # class name per instance
-    path: str = ""
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-
-def inference_size(h: int, w: int, imgsz: int, max_size: int) -> tuple[int, int]:
-    """(h, w) scaled so the short side is imgsz and the long side at most max_size."""
-    scale = min(imgsz / min(h, w), max_size / max(h, w))
-    return max(1, round(h * scale)), max(1, round(w * scale))
-
-
-def preprocess(images: list[np.ndarray], imgsz: int, max_size: int, divisor: int = 32
-               ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """RGB uint8 images -> a padded batch (B, 3, Hp, Wp) float 0..255 and each resized size."""
-    resized = []
-    for img in images:
-        h, w = inference_size(*img.shape[:2], imgsz, max_size)
-        resized.append(cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR))
-    hp = -(-max(r.shape[0] for r in resized) // divisor) * divisor
-    wp = -(-max(r.shape[1] for r in resized) // divisor) * divisor
-    batch = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1).repeat(len(images), 1, hp, wp)
-    for i, r in enumerate(resized):
-        batch[i, :, : r.shape[0], : r.shape[1]] = torch.from_numpy(r).permute(2, 0, 1).float()
-    return batch, [r.shape[:2] for r in resized]
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3); DataError naming the file when it is missing, truncated or not an
-    image: the training reader's checks (`data.coco.read_rgb`), so a half-written JPEG is skipped
-    here too instead of being predicted on half grey."""
-    return read_rgb(path)
-
-
-def list_sources(source: str | Path) -> list[Path]:
-    """An image file, a folder of images (sorted), or a glob pattern -> image paths."""
-    s = str(source)
-    p = Path(s)
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-    elif any(c in s for c in "*?["):
-        files = sorted(Path(f) for f in glob.glob(s, recursive=True)
-                       if Path(f).suffix.lower() in IMAGE_SUFFIXES)
-    elif p.is_file():
-        files = [p]
-    else:
-        raise DataError(f"{s}: no such file, folder or glob match")
-    if not files:
-        raise DataError(f"{s}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    return files
-
-
-def conf_config(cfg: InferenceConfig, conf: float) -> InferenceConfig:
-    """The post-processing for `predict --conf`: pre-score threshold conf, final-score cut conf.
-
-    Exactly the instances that ranking every query above min(score_threshold, conf) and then
-    keeping score > conf gives (the old recipe), without a mask for the rest. Proof: the final
-    score is pre * maskness with pre >= 0 and 0 <= maskness <= 1 (a mean of probabilities over
-    the binarised pixels; in float32 too, since sum(p * fg) <= sum(fg) term by term with the same
-    summation order and rounding is monotone), so final <= pre and final > conf implies
-    pre > conf >= min(score_threshold, conf). The queries the higher threshold drops thus all
-    have final <= conf and were dropped afterwards anyway; and as every one of them ranks below
-    every instance with final > conf, the top max_detections of the survivors are unchanged (up
-    to the order of exactly equal scores). Tested against a copy of the old recipe in
-    tests/test_predict_robust.py."""
-    return InferenceConfig(conf, cfg.mask_threshold, cfg.max_detections, conf=conf)
-
-
-class Predictor:
-    """A network plus the pre/post-processing around it, on one device."""
-
-    def __init__(self, model: torch.nn.Module, class_names: list[str] | None = None,
-                 imgsz: int = 640, max_size: int | None = None, conf: float = 0.3,
-                 device: str | torch.device = "cpu") -> None:
-        self.model = model.eval().to(device)
-        self.device = torch.device(device)
-        self.class_names = class_names or getattr(model, "class_names", None) or \
-            [str(i) for i in range(model.cfg.num_classes)]
-        self.imgsz = imgsz
-        self.max_size = max_size or round(imgsz * 853 / 640)  # SparseInst test size 640 / 853
-        self.conf = conf
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, **kwargs) -> "Predictor":
-        from .checkpoint import model_from_checkpoint
-        model, ckpt = model_from_checkpoint(path)
-        train_cfg = ckpt.get("train_config") or {}
-        kwargs.setdefault("imgsz", train_cfg.get("imgsz", 640))
-        return cls(model, model.class_names, **kwargs)
-
-    @torch.no_grad()
-    def __call__(self, images: np.ndarray | list[np.ndarray]) -> Result | list[Result]:
-        """RGB uint8 image(s) (H, W, 3) -> Result(s) with score > conf, masks at the image's size."""
-        single = isinstance(images, np.ndarray)
-        batch_imgs = [images] if single else list(images)
-        batch, sizes = preprocess(batch_imgs, self.imgsz, self.max_size)
-        cfg = self.model.inference
-        self.model.inference = conf_config(cfg, self.conf)
-        try:
-            outs = self.model(batch.to(self.device), image_sizes=sizes,
-                              orig_sizes=[im.shape[:2] for im in batch_imgs])
-        finally:
-            self.model.inference = cfg
-        results = [self._result(o) for o in outs]
-        return results[0] if single else results
-
-    def _result(self, out: dict[str, torch.Tensor]) -> Result:
-        keep = out["scores"] > self.conf  # all true after conf_config; kept as a guard
-        if not bool(keep.all()):  # indexing copies the (K, H0, W0) masks: only when needed
-            out = {k: v[keep] for k, v in out.items()}
-        labels = out["labels"].cpu().numpy()
-        return Result(labels, out["scores"].cpu().numpy(), out["masks"].cpu().numpy(),
-                      [self.class_names[i] for i in labels])
-
-    def iter_source(self, source: str | Path) -> Iterator[tuple[Path, np.ndarray | None, Result | None]]:
-        """(path, image, result) per image of the source; unreadable images give (path, None, None)
-        with a warning, so one bad file does not stop a folder."""
-        for path in list_sources(source):
-            try:
-                image = read_image(path)
-            except DataError as e:
-                log.warning("skipped: %s", e)
-                yield path, None, None
-                continue
-            result = self(image)
-            result.path = str(path)
-            yield path, image, result
-
-
-def result_records(result: Result, image_id: int, file_name: str, cat_ids: list[int]) -> list[dict]:
-    """COCO-style records of one image (original category ids, RLE masks, boxes from the masks)."""
-    from pycocotools import mask as mask_utils
-    from .evaluate.coco_eval import encode_mask
-    records = []
-    for label, name, score, mask in zip(result.labels, result.names, result.scores, result.masks):
-        rle = encode_mask(mask)
-        records.append({"image_id": image_id, "file_name": file_name,
-                        "category_id": int(cat_ids[int(label)]), "category_name": name,
-                        "score": round(float(score), 5), "segmentation": rle,
-                        "bbox": [round(float(v), 2) for v in mask_utils.toBbox(rle)],
-                        "area": int(mask.sum())})
-    return records
 
 
 def check_predict_options(conf: Any, imgsz: Any = None, threads: Any = None) -> None:
@@ -286,18 +132,13 @@ def predict_source(weights: str | Path, source: str | Path, out_dir: str | Path 
 
     backend "onnxruntime" takes an .onnx from `mobileinst export`, or a .pt that is exported once
     to a cached .onnx beside it (same results as "torch")."""
-    from tqdm import tqdm
-    from .export.command import load_predictor
-    from .utils import write_json
-
     check_predict_options(conf, imgsz, threads)
     files = list_sources(source)  # fail on a bad source before loading anything
     out = prepare_out_dir(Path(out_dir) if out_dir else claim_new_run_dir("runs/predict"), save_overlays)
     names = overlay_names(files, source_root(source))
     predictor = load_predictor(weights, backend=backend, imgsz=imgsz, conf=conf, device=device,
                                threads=threads)
-    cat_ids = getattr(predictor.model, "cat_ids", None) if hasattr(predictor, "model") else None
-    cat_ids = cat_ids or getattr(predictor, "cat_ids", None) or list(range(1, len(predictor.class_names) + 1))
+    cat_ids = predictor.cat_ids
     records, skipped, n_inst = [], [], 0
     for i, path in enumerate(tqdm(files, desc="predict", dynamic_ncols=True)):
         recs = _predict_file(predictor, path, i, cat_ids,
@@ -318,9 +159,8 @@ def _predict_file(predictor: Predictor, path: Path, image_id: int, cat_ids: list
                   overlay_path: Path | None) -> list[dict] | None:
     """One image -> its records (and its overlay written); None when it is unreadable. Its own
     function so that the image, masks and overlay are freed before the next image."""
-    from .viz import color, draw_instances, save_rgb
     try:
-        image = read_image(path)
+        image = read_rgb(path)
     except DataError as e:
         log.warning("skipped: %s", e)
         return None

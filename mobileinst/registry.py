@@ -1,4 +1,4 @@
-"""Named MobileInst variants: one config per name, built by one factory.
+"""Named MobileInst variants: one config per name, built by one factory (`models.factory.build_model`).
 
 The defaults are the light decoder (D = 128, depthwise-separable fusion convolutions, hidden 128,
 4 heads, FFN 256); the `-repro` variants use the public reproduction's widths (D = 256, full 3x3
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from .errors import MobileInstError
 from .models.backbones import BACKBONES
 
 
@@ -58,16 +59,8 @@ def list_models() -> list[str]:
 def get_config(name: str, **overrides: Any) -> ModelConfig:
     """The named config, with fields overridden (e.g. num_classes=3)."""
     if name not in MODELS:
-        from .errors import MobileInstError
         raise MobileInstError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
     try:
         return replace(MODELS[name], **overrides)
     except TypeError as e:
-        from .errors import MobileInstError
         raise MobileInstError(f"bad model option for {name}: {e}") from None
-
-
-def build_model(name: str, num_classes: int = 80, **overrides: Any):
-    """Build a freshly initialised MobileInst variant by name -> mobileinst.models.MobileInst."""
-    from .models.mobileinst import MobileInst
-    return MobileInst(get_config(name, num_classes=num_classes, **overrides))

@@ -1,11 +1,14 @@
 """Small file helpers shared by the CLI jobs."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from .errors import MobileInstError
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -21,6 +24,15 @@ def write_json(path: str | Path, obj: Any) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def keep_freed_memory() -> bool:
@@ -49,7 +61,6 @@ def resolve_device(name: str | None) -> "torch.device":
     """--device as every verb reads it: auto (CUDA when available, else CPU), cpu, cuda, cuda:N.
     An unknown name or a device this machine lacks is a MobileInstError, before any work."""
     import torch
-    from .errors import MobileInstError
     name = (name or "auto").strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,7 +80,6 @@ def resolve_device(name: str | None) -> "torch.device":
 def check_output_file(path: str | Path, what: str = "output file") -> Path:
     """`path` can be written as a file: not a folder, its folder creatable and writable.
     MobileInstError before any work otherwise; nothing is created."""
-    from .errors import MobileInstError
     path = Path(path)
     if path.is_dir():
         raise MobileInstError(f"{path}: the {what} is an existing folder")
@@ -83,7 +93,6 @@ def check_output_file(path: str | Path, what: str = "output file") -> Path:
 
 def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
     """`path` is, or can be made, a writable folder; MobileInstError before any work otherwise."""
-    from .errors import MobileInstError
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise MobileInstError(f"{path}: the {what} is an existing file, not a folder")
@@ -99,7 +108,6 @@ def check_range(option: str, value: float | int | None, low: float, high: float)
     """A numeric option in [low, high] (None = not given); MobileInstError naming it otherwise.
     NaN fails too."""
     import math
-    from .errors import MobileInstError
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (

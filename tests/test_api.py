@@ -1,13 +1,13 @@
-"""The Python API the README shows: build, save, MobileInst.from_checkpoint, predict."""
+"""The Python API the README shows: build, save, load a predictor from a checkpoint, predict."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
 import mobileinst
-from mobileinst import MobileInst, build_model
+from mobileinst import build_model
 from mobileinst.checkpoint import save_checkpoint
-from mobileinst.predict import Predictor
+from mobileinst.infer import ModelInfo, TorchPredictor, load_predictor
 
 
 def test_top_level_names():
@@ -25,12 +25,17 @@ def test_from_checkpoint_and_predict(tmp_path):
     save_checkpoint({"model": model.state_dict(), "model_config": model.cfg.to_dict(),
                      "class_names": ["a", "b", "c"], "cat_ids": [5, 7, 9],
                      "train_config": {"imgsz": 128}}, path)
-    loaded = MobileInst.from_checkpoint(str(path))
-    assert not loaded.training and loaded.train_imgsz == 128 and loaded.cat_ids == [5, 7, 9]
+    loaded = load_predictor(path, conf=0.05)
+    assert isinstance(loaded, TorchPredictor) and not loaded.model.training
+    assert loaded.info.imgsz == loaded.imgsz == 128 and loaded.cat_ids == [5, 7, 9]
+    assert loaded.class_names == ["a", "b", "c"] and loaded.info.source == str(path)
     image = np.random.default_rng(0).integers(0, 256, (90, 150, 3), dtype=np.uint8)
-    result = loaded.predict(image, conf=0.05)
-    ref = Predictor(model.eval(), ["a", "b", "c"], imgsz=128, conf=0.05)(image)
+    result = loaded(image)
+    ref = TorchPredictor(model.eval(), ModelInfo.for_model(model.cfg, ["a", "b", "c"]), imgsz=128,
+                         conf=0.05)(image)
     assert result.masks.shape[1:] == (90, 150) and result.masks.dtype == bool
     assert len(result) == len(ref) > 0 and set(result.names) <= {"a", "b", "c"}
     np.testing.assert_allclose(result.scores, ref.scores, rtol=1e-5)
     assert np.array_equal(result.masks, ref.masks)
+    batch = loaded([image, image[:60]])  # a list gives a list, each at its own size
+    assert [r.masks.shape[1:] for r in batch] == [(90, 150), (60, 150)]

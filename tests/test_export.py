@@ -19,12 +19,15 @@ import torch
 from mobileinst import build_model, list_models
 from mobileinst.checkpoint import save_checkpoint
 from mobileinst.errors import CheckpointError, MobileInstError
-from mobileinst.export.command import add_parser, load_predictor
+from mobileinst.export.command import add_parser
 from mobileinst.export.fuse import fuse_conv_bn, is_fused
 from mobileinst.export.onnx import example_images, export_onnx, read_metadata
 from mobileinst.export.quantize import quantize_int8
-from mobileinst.export.runtime import OnnxPredictor, decode_raw
-from mobileinst.predict import Predictor, preprocess
+from mobileinst.infer.factory import load_predictor
+from mobileinst.infer.model_info import ModelInfo
+from mobileinst.infer.ort import OnnxPredictor
+from mobileinst.infer.predictor import TorchPredictor, decode_outputs
+from mobileinst.infer.preprocess import preprocess, to_input
 
 SIZES = [(320, 320), (256, 384), (416, 224)]
 CLASSES = [f"class{i}" for i in range(80)]
@@ -49,8 +52,12 @@ def make_realistic(model: torch.nn.Module, image: np.ndarray) -> torch.nn.Module
     model.instance_decoder.kernel_head.weight.mul_(4.0 / raw["pred_masks"].std())
     model.instance_decoder.class_head.weight.mul_(2.0 / raw["pred_logits"].std())
     model.instance_decoder.class_head.bias.fill_(-1.0)
-    model.class_names = CLASSES
     return model
+
+
+def torch_predictor(model, **kwargs) -> TorchPredictor:
+    """The PyTorch backend on a test model (its 80 class names, as the exports carry them)."""
+    return TorchPredictor(model, ModelInfo.for_model(model.cfg, CLASSES), **kwargs)
 
 
 def natural_batch(h: int, w: int, n: int = 1, seed: int = 0) -> np.ndarray:
@@ -135,13 +142,13 @@ def check_raw_parity(model, predictor: OnnxPredictor, h: int, w: int, n: int = 1
                      noise: dict[str, float] | None = None) -> int:
     """ONNX raw outputs and their decoding == PyTorch forward_raw + model.postprocess."""
     images = natural_batch(h, w, n)
-    got = predictor.run(images.transpose(0, 3, 1, 2).astype(predictor.input_dtype).copy())
+    got = predictor.run(images.transpose(0, 3, 1, 2).astype(predictor.info.input.dtype).copy())
     ref = torch_raw(model, images)
     assert_raw_close(got, ref, noise=noise)
     with torch.no_grad():
-        ref_inst = model.postprocess(model.forward_raw(torch.from_numpy(
+        ref_inst = model.postprocess(model.inference_outputs(torch.from_numpy(
             images.transpose(0, 3, 1, 2).copy()).float()), (h, w))
-    got_inst = decode_raw(got, (h, w), [(h, w)] * n, [(h, w)] * n, model.inference)
+    got_inst = decode_outputs(got, (h, w), [(h, w)] * n, [(h, w)] * n, model.inference)
     return sum(assert_same_instances({k: v.numpy() for k, v in r.items()},
                                      {k: v.numpy() for k, v in g.items()})
                for r, g in zip(ref_inst, got_inst))
@@ -174,20 +181,21 @@ def out_dir(tmp_path_factory):
 def topformer_dyn(models, out_dir):
     """TopFormer-T: dynamic batch and size, raw outputs, float32 input (exact Predictor parity)."""
     return export_onnx(models["topformer-t"], out_dir / "topformer-t.onnx", imgsz=(320, 320),
-                       dynamic=True, input_dtype="float32")
+                       dynamic=True, input_dtype="float32", class_names=CLASSES)
 
 
 @pytest.fixture(scope="module")
 def seaformer_pp(models, out_dir):
     """SeaFormer-T: dynamic, post-processing in the graph, uint8 input."""
     return export_onnx(models["seaformer-t"], out_dir / "seaformer-t-pp.onnx", imgsz=(320, 320),
-                       dynamic=True, postprocess=True)
+                       dynamic=True, postprocess=True, class_names=CLASSES)
 
 
 @pytest.fixture(scope="module")
 def mobilenet_fixed(models, out_dir):
     """MobileNetV2: fixed 320x320, batch 1, raw outputs, uint8 input."""
-    return export_onnx(models["mobilenetv2"], out_dir / "mobilenetv2-320.onnx", imgsz=(320, 320))
+    return export_onnx(models["mobilenetv2"], out_dir / "mobilenetv2-320.onnx", imgsz=(320, 320),
+                       class_names=CLASSES)
 
 
 # -- parity ----------------------------------------------------------------------------------------
@@ -248,7 +256,7 @@ def assert_same_results(a, b, iou: float = 0.99) -> None:
 
 def test_onnx_predictor_equals_predictor(models, topformer_dyn):
     img, other = voc_image(), example_images(1, 300, 410, seed=5)[0]
-    torch_pred = Predictor(models["topformer-t"], imgsz=320, conf=0.3)
+    torch_pred = torch_predictor(models["topformer-t"], imgsz=320, conf=0.3)
     ort_pred = OnnxPredictor(topformer_dyn, imgsz=320, conf=0.3)
     assert ort_pred.class_names == CLASSES and ort_pred.imgsz == 320
     assert_same_results(torch_pred(img), ort_pred(img))
@@ -258,7 +266,7 @@ def test_onnx_predictor_equals_predictor(models, topformer_dyn):
 
 def test_onnx_predictor_postprocess_graph(models, seaformer_pp):
     img = cv2.resize(voc_image(), (416, 320))  # needs no resize or padding at imgsz 320
-    a = Predictor(models["seaformer-t"], imgsz=320, conf=0.3)(img)
+    a = torch_predictor(models["seaformer-t"], imgsz=320, conf=0.3)(img)
     b = OnnxPredictor(seaformer_pp, imgsz=320, conf=0.3)(img)
     assert_same_results(a, b)
     c = OnnxPredictor(seaformer_pp, imgsz=320, conf=0.3)(voc_image())  # masks resized to 375x500
@@ -267,11 +275,12 @@ def test_onnx_predictor_postprocess_graph(models, seaformer_pp):
 
 def test_onnx_predictor_fixed_size_letterbox(models, mobilenet_fixed):
     pred = OnnxPredictor(mobilenet_fixed, conf=0.3)
-    assert pred.input_size == (320, 320) and pred.batch == 1
+    assert pred.info.input.size == (320, 320) and pred.info.input.batch == 1
     results = pred([voc_image(), example_images(1, 200, 150)[0]])  # one by one, letterboxed
     assert results[0].masks.shape[1:] == (375, 500) and results[1].masks.shape[1:] == (200, 150)
     # letterboxed 375x500 -> 240x320, padded to 320x320: the torch model on the same batch agrees
     batch, sizes = pred.prepare([voc_image()])
+    batch = to_input(batch, pred.info.input.dtype)
     assert sizes == [(240, 320)] and batch.shape == (1, 3, 320, 320) and batch.dtype == np.uint8
     model = models["mobilenetv2"]
     with torch.no_grad():
@@ -503,7 +512,7 @@ def test_ncnn_parity(tmp_path):
     from mobileinst.export.formats import export_format
     model = make_realistic(build_model("mobileinst-topformer-t"), voc_image())
     out = export_format("ncnn", model, tmp_path / "m_ncnn", (128, 160))
-    from mobileinst.export.backends import NcnnBackend  # float32, keeps the input alive
+    from mobileinst.infer.runtimes import NcnnBackend  # float32, keeps the input alive
     images = natural_batch(128, 160)
     ref = torch_raw(model, images)
     got = NcnnBackend(out).run(images.transpose(0, 3, 1, 2).astype(np.float32))
@@ -557,7 +566,8 @@ def test_cli_val_onnxruntime_backend(tmp_path, capsys):
     printed = capsys.readouterr().out
     got = json.loads(out.read_text())
     val = CocoInstances(data.parent / "annotations" / "instances_val.json", data.parent / "val")
-    ref = predict_images(Predictor(model.eval(), names, imgsz=256, conf=0.005), val, progress=False)
+    ref = predict_images(TorchPredictor(model.eval(), ModelInfo.for_model(model.cfg, names), imgsz=256,
+                                        conf=0.005), val, progress=False)
     assert len(got) == len(ref) > 10
     key = lambda r: (r["image_id"], -r["score"])  # noqa: E731
     for a, b in zip(sorted(got, key=key), sorted(ref, key=key)):

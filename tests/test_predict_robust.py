@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -19,15 +20,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mobileinst.export.command as export_command
+import mobileinst.predict as predict_module
 import mobileinst.models.postprocess as pp
 from mobileinst import build_model
 from mobileinst.checkpoint import save_checkpoint
 from mobileinst.errors import MobileInstError
-from mobileinst.export.runtime import decode_raw, resize_masks
-from mobileinst.models.postprocess import InferenceConfig, binary_masks, maskness, query_scores
-from mobileinst.predict import (Predictor, conf_config, overlay_names, predict_source, preprocess,
-                                source_root)
+from mobileinst.export.onnx import POSTPROCESS_OUTPUTS, RAW_OUTPUTS, ExportGraph
+from mobileinst.infer.model_info import ModelInfo
+from mobileinst.infer.ort import ExportedPredictor
+from mobileinst.infer.predictor import TorchPredictor, decode_outputs
+from mobileinst.infer.preprocess import preprocess
+from mobileinst.infer.results import resize_masks
+from mobileinst.infer.video import VideoPredictor
+from mobileinst.models.postprocess import InferenceConfig, binary_masks, conf_config, maskness, query_scores
+from mobileinst.predict import overlay_names, predict_source, source_root
 from mobileinst.viz import _caption, color, draw_instances
 
 IMGSZ = 64
@@ -51,6 +57,10 @@ def checkpoint(model, tmp_path_factory):
                      "class_names": CLASSES, "cat_ids": [1, 2, 3],
                      "train_config": {"imgsz": IMGSZ}}, path)
     return path
+
+
+def info(model) -> ModelInfo:
+    return ModelInfo.for_model(model.cfg, CLASSES, [1, 2, 3], IMGSZ)
 
 
 def image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -108,7 +118,7 @@ def assert_same(got, ref) -> None:
 def test_predictor_equals_the_old_recipe(model, case, hw, conf, expect):
     img = image(*hw)
     ref = old_predict(model, img, conf)
-    got = Predictor(model, CLASSES, imgsz=IMGSZ, conf=conf)(img)
+    got = TorchPredictor(model, info(model), imgsz=IMGSZ, conf=conf)(img)
     assert_same(got, ref)
     assert got.masks.shape[1:] == hw
     n = len(got)
@@ -126,13 +136,13 @@ def test_masks_are_upsampled_only_for_kept_instances_in_bounded_chunks(model, mo
 
     monkeypatch.setattr(pp, "upsample_masks", spy)
     img = image(1500, 2000)
-    result = Predictor(model, CLASSES, imgsz=IMGSZ, conf=0.3)(img)
+    result = TorchPredictor(model, info(model), imgsz=IMGSZ, conf=0.3)(img)
     assert 0 < len(result) < 50
     assert sum(k for k, _ in calls) == len(result), "only the instances above conf are upsampled"
     per_mask = 4 * 1500 * 2000
     assert max(k for k, _ in calls) * per_mask <= pp.MASK_CHUNK_BYTES and len(calls) > 1
     calls.clear()
-    assert len(Predictor(model, CLASSES, imgsz=IMGSZ, conf=1.0)(img)) == 0 and not calls
+    assert len(TorchPredictor(model, info(model), imgsz=IMGSZ, conf=1.0)(img)) == 0 and not calls
 
 
 @pytest.mark.parametrize("case,chunk_bytes", [("one instance per chunk", 1),
@@ -172,16 +182,16 @@ def raw_outputs(n: int = 6, c: int = 3, e: int = 8, h: int = 8, w: int = 12, bia
     ("no query above the eval threshold", -30.0, InferenceConfig()),
     ("none above conf", 0.0, InferenceConfig(1.0, 0.45, 100, conf=1.0)),
 ])
-def test_decode_raw_with_nothing_kept(case, bias, cfg):
-    out = decode_raw(raw_outputs(bias=bias), (32, 48), [(30, 45)], [(300, 450)], cfg)[0]
+def test_decode_outputs_with_nothing_kept(case, bias, cfg):
+    out = decode_outputs(raw_outputs(bias=bias), (32, 48), [(30, 45)], [(300, 450)], cfg)[0]
     assert out["masks"].shape == (0, 300, 450) and out["masks"].dtype == torch.bool
     assert out["labels"].shape == (0,) and out["scores"].shape == (0,)
 
 
 @pytest.mark.parametrize("conf", [0.0, 0.001, 0.3, 0.9])
-def test_decode_raw_with_conf_equals_the_old_recipe(conf):
+def test_decode_outputs_with_conf_equals_the_old_recipe(conf):
     raw = raw_outputs(n=40, seed=1)
-    got = decode_raw(raw, (32, 48), [(30, 45)], [(310, 440)], conf_config(InferenceConfig(), conf))[0]
+    got = decode_outputs(raw, (32, 48), [(30, 45)], [(310, 440)], conf_config(InferenceConfig(), conf))[0]
     masks = torch.nn.functional.interpolate(  # MobileInst.masks: kernels . M, upsampled x2
         torch.bmm(torch.from_numpy(raw["kernels"]), torch.from_numpy(raw["mask_features"]).flatten(2))
         .view(1, 40, 8, 12), scale_factor=2.0, mode="bilinear", align_corners=False)[0]
@@ -192,28 +202,26 @@ def test_decode_raw_with_conf_equals_the_old_recipe(conf):
     assert all(mask_iou(a, b) >= 0.99 for a, b in zip(got["masks"].numpy(), ref[2]))
 
 
-def eager_onnx_predictor(model, postprocess: bool, conf: float):
-    """An OnnxPredictor of a dynamic float32 export whose graph runs as its PyTorch module
-    (`ExportGraph`, what `export_onnx` exports; test_export checks that onnxruntime agrees with
-    it): every step of OnnxPredictor but onnxruntime itself, without a minutes-long export."""
-    from mobileinst.export.onnx import POSTPROCESS_OUTPUTS, RAW_OUTPUTS, ExportGraph
-    from mobileinst.export.runtime import OnnxPredictor
-    graph = ExportGraph(model, postprocess).eval()
-    names = list(POSTPROCESS_OUTPUTS if postprocess else RAW_OUTPUTS)
-    pred = OnnxPredictor.__new__(OnnxPredictor)
-    pred.__dict__.update(path=Path("eager.onnx"), input_dtype=np.dtype("float32"), dynamic=True,
-                         input_size=None, batch=None, postprocess=postprocess,
-                         model_config={"mask_upsample": 2}, class_names=CLASSES, cat_ids=[1, 2, 3],
-                         inference=InferenceConfig(), imgsz=IMGSZ, max_size=round(IMGSZ * 853 / 640),
-                         conf=conf, model=None, device=torch.device("cpu"))
+class EagerGraphPredictor(ExportedPredictor):
+    """The onnxruntime backend's code path (input cast and checks, decode or post-processed
+    outputs) over a dynamic float32 export's graph run as its PyTorch module (`ExportGraph`, what
+    `export_onnx` exports; test_export checks that onnxruntime agrees with it): everything but
+    onnxruntime itself, without a minutes-long export."""
 
-    def run(batch: np.ndarray) -> dict[str, np.ndarray]:
-        pred.check_input(batch)
+    def __init__(self, model, postprocess: bool, conf: float) -> None:
+        self.path = Path("eager.onnx")
+        self.graph = ExportGraph(model, postprocess).eval()
+        self.names = list(POSTPROCESS_OUTPUTS if postprocess else RAW_OUTPUTS)
+        kind = "postprocess" if postprocess else "raw"
+        super().__init__(replace(info(model), graph=kind), conf=conf)
+
+    def execute(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         with torch.no_grad():
-            return {k: v.numpy() for k, v in zip(names, graph(torch.from_numpy(batch)))}
+            return {k: v.numpy() for k, v in zip(self.names, self.graph(torch.from_numpy(batch)))}
 
-    pred.run = run
-    return pred
+
+def eager_onnx_predictor(model, postprocess: bool, conf: float) -> EagerGraphPredictor:
+    return EagerGraphPredictor(model, postprocess, conf)
 
 
 @pytest.mark.parametrize("case,postprocess,hw", [
@@ -247,9 +255,8 @@ def test_resize_masks_chunks_and_empty():
 
 
 def test_video_predictor_nothing_above_conf(model, tmp_path):
-    from mobileinst.track.predictor import VideoPredictor
     from mobileinst.track.run import overlay, track_source
-    vp = VideoPredictor(model, CLASSES, imgsz=IMGSZ, conf=1.0)
+    vp = VideoPredictor(model, info(model), imgsz=IMGSZ, conf=1.0)
     for i in range(3):
         out = vp.step(image(70, 90, seed=i))
         assert len(out) == 0 and out.masks.shape == (0, 70, 90) and out.masks.dtype == bool
@@ -401,7 +408,7 @@ def test_predict_source_checks_options_before_loading(tmp_path, monkeypatch, cas
     def loaded(*a, **k):
         raise RuntimeError("the model was loaded")
 
-    monkeypatch.setattr(export_command, "load_predictor", loaded)
+    monkeypatch.setattr(predict_module, "load_predictor", loaded)
     write_images(tmp_path / "src", ["a.jpg"])
     kwargs = {k: (v(tmp_path) if callable(v) else v) for k, v in kwargs.items()}
     kwargs.setdefault("out_dir", tmp_path / "out")
@@ -421,7 +428,7 @@ def test_predict_source_read_only_out_dir(tmp_path, monkeypatch):
     ro.mkdir()
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
-    monkeypatch.setattr(export_command, "load_predictor", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(predict_module, "load_predictor", lambda *a, **k: pytest.fail("loaded"))
     write_images(tmp_path / "src", ["a.jpg"])
     with pytest.raises(MobileInstError, match=r"ro: the output folder \(--out-dir\) is not writable"):
         predict_source("missing.pt", tmp_path / "src", ro)

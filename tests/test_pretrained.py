@@ -12,7 +12,7 @@ from mobileinst.errors import CheckpointError
 from mobileinst.models import pretrained
 from mobileinst.models.pretrained import PRETRAINED, PretrainedFile, resolve_backbone_weights
 from mobileinst.models.weights import load_backbone_weights
-from mobileinst.registry import build_model
+from mobileinst import build_model
 from mobileinst.train.config import TrainConfig
 from mobileinst.train.engine import train
 

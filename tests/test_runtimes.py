@@ -28,12 +28,13 @@ from test_export import assert_raw_close, assert_same_instances, make_realistic
 
 from mobileinst.data.synthetic import make_synthetic_coco
 from mobileinst.errors import CheckpointError, MobileInstError
-from mobileinst.export import backends
-from mobileinst.export.backends import RuntimePredictor, file_kind, open_backend
+from mobileinst.infer import runtimes as backends
+from mobileinst.infer.runtimes import RuntimePredictor, file_kind, open_backend
 from mobileinst.export.formats import export_format, graph_and_input, metadata_path
 from mobileinst.export.onnx import RAW_OUTPUTS
-from mobileinst.export.runtime import decode_raw
-from mobileinst.registry import build_model
+from mobileinst.infer.predictor import decode_outputs
+from mobileinst.infer.preprocess import to_input
+from mobileinst import build_model
 
 SIZES = [(256, 256), (320, 256)]
 CONF = 0.5  # the realistic weights score 0.18..0.79 here: ~60 of 100 pass, so the cut matters
@@ -60,7 +61,6 @@ def image(tmp_path_factory) -> np.ndarray:
 def model(image) -> torch.nn.Module:
     torch.manual_seed(0)
     model = make_realistic(build_model("mobileinst-topformer-t", num_classes=3), image).eval()
-    model.class_names = NAMES
     return model
 
 
@@ -74,18 +74,19 @@ def exports(tmp_path_factory):
             pytest.importorskip(module)
         if (name, hw) not in cache:
             out = tmp_path_factory.mktemp(f"{name}_{hw[0]}x{hw[1]}") / OUT[name]
-            cache[name, hw] = export_format(name, model, out, hw)
+            cache[name, hw] = export_format(name, model, out, hw, class_names=NAMES)
         return cache[name, hw]
     return get
 
 
 def torch_reference(model, predictor: RuntimePredictor, image: np.ndarray):
     """(the letterboxed batch, PyTorch's raw outputs on it, its decoded instances above CONF)."""
-    batch, sizes = predictor.prepare([image])  # (1, 3, H, W) float32
-    graph, _ = graph_and_input(model, predictor.input_size)
+    batch, sizes = predictor.prepare([image])  # (1, 3, H, W) float 0..255
+    batch = to_input(batch, predictor.info.input.dtype)  # what the runtime is fed
+    graph, _ = graph_and_input(model, predictor.info.input.size)
     with torch.no_grad():
         raw = dict(zip(RAW_OUTPUTS, (t.numpy() for t in graph(torch.from_numpy(batch)))))
-    inst = decode_raw(raw, tuple(batch.shape[-2:]), sizes, [image.shape[:2]], predictor.inference)[0]
+    inst = decode_outputs(raw, tuple(batch.shape[-2:]), sizes, [image.shape[:2]], predictor.info.inference)[0]
     keep = inst["scores"] > CONF
     return batch, raw, {k: v[keep].numpy() for k, v in inst.items()}
 
@@ -97,7 +98,7 @@ def test_runtime_parity(name, hw, model, image, exports):
     path = exports(model, name, hw)
     predictor = RuntimePredictor(path, conf=CONF)
     assert type(predictor.backend) is backends.BACKENDS[name]
-    assert predictor.input_size == hw and predictor.class_names == NAMES
+    assert predictor.info.input.size == hw and predictor.class_names == NAMES
     batch, ref_raw, ref = torch_reference(model, predictor, image)
     got_raw = predictor.run(batch)
     assert {k: v.shape for k, v in got_raw.items()} == {k: v.shape for k, v in ref_raw.items()}
@@ -140,7 +141,7 @@ def test_openvino_runs_an_onnx_export_like_onnxruntime(model, image, tmp_path):
     """OpenVINO reads `export_onnx`'s file (uint8 input, metadata inside) directly."""
     pytest.importorskip("openvino")
     from mobileinst.export.onnx import export_onnx
-    from mobileinst.export.runtime import OnnxPredictor
+    from mobileinst.infer.ort import OnnxPredictor
     onnx_path = export_onnx(model, tmp_path / "m.onnx", imgsz=SIZES[1], class_names=NAMES)
     a = OnnxPredictor(onnx_path, conf=CONF)(image)
     b = RuntimePredictor(onnx_path, conf=CONF)  # the kind says: openvino

@@ -17,8 +17,9 @@ from mobileinst.data.synthetic_video import make_synthetic_ytvis
 from mobileinst.errors import MobileInstError
 from mobileinst.evaluate.ytvis_eval import evaluate_ytvis
 from mobileinst.models.postprocess import upsample_masks
-from mobileinst.predict import preprocess
-from mobileinst.track import Tracker, TrackerConfig, VideoPredictor, match_kernels
+from mobileinst.infer.preprocess import preprocess
+from mobileinst.infer.video import VideoPredictor
+from mobileinst.track import Tracker, TrackerConfig, match_kernels
 from mobileinst.track.results import TrackResults
 from mobileinst.track.run import track_source
 

@@ -15,10 +15,10 @@ from mobileinst.cli import main
 from mobileinst.data.synthetic import CLASSES
 from mobileinst.data.synthetic_video import make_synthetic_ytvis
 from mobileinst.errors import MobileInstError
-from mobileinst.predict import preprocess
-from mobileinst.track import VideoPredictor, match_kernels
+from mobileinst.infer.preprocess import preprocess
+from mobileinst.infer.video import TorchVideoNet, VideoPredictor
+from mobileinst.track import match_kernels
 from mobileinst.track.association_np import association_cost, match_kernels_np
-from mobileinst.track.predictor import TorchVideoNet
 from mobileinst.track.video_io import open_frames
 
 IMGSZ = 256  # dynamic graphs exported much smaller than this break on other sizes
@@ -57,7 +57,6 @@ def model(video) -> torch.nn.Module:
         m.instance_decoder.kernel_head.weight.mul_(4.0 / raw["pred_masks"].std())
         m.instance_decoder.class_head.weight.mul_(2.0 / raw["pred_logits"].std())
         m.instance_decoder.class_head.bias.fill_(-1.0)
-    m.class_names, m.cat_ids = CLASSES, [1, 2, 3, 4]
     return m
 
 
@@ -73,7 +72,7 @@ def weights(model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def graphs(weights) -> tuple[Path, Path]:
     """The key-frame and features graphs of `weights`, exported once (~2-3 min here)."""
-    from mobileinst.export.command import cached_onnx
+    from mobileinst.infer.factory import cached_onnx
     return cached_onnx(weights), cached_onnx(weights, part="features")
 
 
@@ -171,7 +170,7 @@ def test_cli_features_graph_as_weights(tmp_path, video, capsys):
 @pytest.mark.slow
 def test_features_graph_equals_raw_mask_features(graphs, video):
     from mobileinst.export.onnx import graph_kind, read_metadata
-    from mobileinst.export.runtime import open_session
+    from mobileinst.infer.ort import open_session
     key, feats = graphs
     assert graph_kind(read_metadata(key)) == "raw" and graph_kind(read_metadata(feats)) == "features"
     assert list(json.loads(read_metadata(feats)["outputs"])) == ["mask_features"]

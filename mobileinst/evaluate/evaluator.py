@@ -9,8 +9,19 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from ..data.coco import CocoInstances, read_rgb
+from ..data.config import load_data_config
 from ..data.loader import collate
+from ..data.transforms import EvalTransform
+from ..data.ytvis import YtvisClips
+from ..errors import DataError, MobileInstError
+from ..infer.factory import load_predictor, load_trained
+from ..infer.predictor import Predictor
+from ..infer.results import result_records
+from ..models.postprocess import InferenceConfig
+from ..track.evaluate import evaluate_video_model
 from ..train import dist
+from ..utils import IMGSZ_RANGE, check_output_file, check_range, resolve_device, write_json
 from .coco_eval import CocoMetrics, evaluate_coco, instances_to_coco_json
 
 
@@ -43,24 +54,21 @@ def evaluate_model(model: torch.nn.Module, dataset, batch_size: int = 4, workers
     """Mask AP of `model` on `dataset` (None on workers other than rank 0); YouTube-VIS video
     mask AP when `dataset` holds videos (`data.ytvis.YtvisClips`: tracked, track/evaluate.py)."""
     if getattr(dataset, "is_video", False):
-        from ..track.evaluate import evaluate_video_model
         return evaluate_video_model(model, dataset, device, results_path)
     records = predict_dataset(model, dataset, batch_size, workers, device)
     if not dist.is_main():
         return None
     if results_path:
-        from ..utils import write_json
         write_json(results_path, records)
     return evaluate_coco(dataset.json_path, records)
 
 
-def predict_images(predictor, dataset, progress: bool = True) -> list[dict]:
-    """COCO results records of a Predictor / OnnxPredictor over every image of a CocoInstances
+def predict_images(predictor: Predictor, dataset, progress: bool = True) -> list[dict]:
+    """COCO results records of a Predictor (any backend) over every image of a CocoInstances
     (read from disk and resized as `mobileinst predict` does), with the dataset's category ids."""
-    from ..predict import read_image, result_records
     records: list[dict] = []
     for info in tqdm(dataset.images, desc="val", leave=False, dynamic_ncols=True, disable=not progress):
-        result = predictor(read_image(dataset.image_dir / info["file_name"]))
+        result = predictor(read_rgb(dataset.image_dir / info["file_name"]))
         records += result_records(result, info["id"], info["file_name"], dataset.cat_ids)
     return records
 
@@ -70,12 +78,6 @@ def validate_onnxruntime(weights: str, data: str, out: str | None = None, imgsz:
     """`mobileinst val --backend onnxruntime` (or another runtime's backend): an exported file (or
     for onnxruntime a .pt, exported once and cached) on a COCO DATA file's val split, one image at
     a time, at the evaluation threshold."""
-    from ..data.coco import CocoInstances
-    from ..data.config import load_data_config
-    from ..errors import DataError, MobileInstError
-    from ..export.command import load_predictor
-    from ..models.postprocess import InferenceConfig
-
     cfg = load_data_config(data)
     if cfg.format == "ytvis":
         raise MobileInstError(f"{data}: video val runs the tracker, which needs the PyTorch model "
@@ -88,7 +90,6 @@ def validate_onnxruntime(weights: str, data: str, out: str | None = None, imgsz:
                         f"predicts {len(predictor.class_names)}")
     records = predict_images(predictor, dataset)
     if out:
-        from ..utils import write_json
         write_json(out, records)
     return evaluate_coco(dataset.json_path, records)
 
@@ -99,13 +100,6 @@ def validate(weights: str, data: str, out: str | None = None, imgsz: int | None 
     """`mobileinst val`: a checkpoint on a DATA file's val split; writes the results json to `out`.
     A video DATA file (`video: true`) gives YouTube-VIS video mask AP (VisMetrics) instead.
     backend "onnxruntime": `validate_onnxruntime` (images only)."""
-    from ..checkpoint import model_from_checkpoint
-    from ..data.coco import CocoInstances
-    from ..data.config import load_data_config
-    from ..data.transforms import EvalTransform
-    from ..errors import DataError
-    from ..utils import IMGSZ_RANGE, check_output_file, check_range, resolve_device
-
     check_range("--batch", batch, 1, 4096)
     check_range("--workers", workers, 0, 256)
     check_range("--imgsz", imgsz, *IMGSZ_RANGE)
@@ -117,11 +111,10 @@ def validate(weights: str, data: str, out: str | None = None, imgsz: int | None 
         return validate_onnxruntime(weights, data, out, imgsz, threads, backend)
     if threads:
         torch.set_num_threads(threads)
-    model, ckpt = model_from_checkpoint(weights)
+    model, info = load_trained(weights)  # the class names and ids are checked here
     cfg = load_data_config(data)
-    imgsz = imgsz or (ckpt.get("train_config") or {}).get("imgsz", 640)
+    imgsz = imgsz or info.imgsz
     if cfg.format == "ytvis":  # video mask AP of the tracked val videos
-        from ..data.ytvis import YtvisClips
         dataset = YtvisClips(cfg.val.json, cfg.val.images, EvalTransform(imgsz), cfg.names)
     else:
         dataset = CocoInstances(cfg.val.json, cfg.val.images, EvalTransform(imgsz), cfg.names)

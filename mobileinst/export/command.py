@@ -1,4 +1,4 @@
-"""`mobileinst export`, and the `--backend` option of `mobileinst predict`.
+"""`mobileinst export`, and the `--backend` option of the verbs that run a network.
 
     mobileinst export --weights best.pt --out best.onnx                   # 640x640, uint8 in
     mobileinst export --weights best.pt --dynamic --postprocess --max-det 20
@@ -13,19 +13,19 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 from ..errors import MobileInstError
-from ..utils import resolve_device
+from ..utils import file_sha256
+from ..verb_config import add_cfg_option, as_namespace, config_from_args
 
+# The heavy modules (torch, the exporters, the runtimes) are imported inside the functions that
+# use them, so that `mobileinst --help` and option errors answer without loading torch; only the
+# CLI imports this module.
 log = logging.getLogger("mobileinst.export")
 FORMATS = ("onnx", "openvino", "ncnn", "executorch", "litert", "coreml")
-RUNTIME_BACKENDS = ("openvino", "ncnn", "executorch", "litert")  # export/backends.py: ready files only
-BACKENDS = ("torch", "onnxruntime", *RUNTIME_BACKENDS)
 
 
 # -- mobileinst export -------------------------------------------------------------------------
@@ -55,30 +55,38 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-det", type=int, default=None,
                    help="instances a --postprocess graph returns (default 100; each costs "
                         "~1 ms at 640x640 on one CPU thread)")
+    p.add_argument("--conf", type=float, default=None,
+                   help="with --postprocess: return only instances scoring above this (e.g. 0.3), "
+                        "and upsample only their masks (default: every query above 0.005, <= --max-det)")
     p.add_argument("--input-dtype", choices=("uint8", "float32"), default="uint8",
                    help="dtype of the RGB 0..255 input (default uint8)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=False,
-                   help="also write an int8 (static QDQ) copy, OUT-int8.onnx")
-    p.add_argument("--calib", help="calibration images for --int8: a folder, a glob or a DATA yaml "
-                                   "(its train images)")
+                   help="also write a static int8 copy beside OUT, calibrated on --calib: "
+                        "OUT-int8.onnx (onnxruntime QDQ), OUT-int8.xml (openvino: NNCF), "
+                        "OUT-int8.pte (executorch: PT2E + XNNPACKQuantizer), OUT-int8.tflite "
+                        "(litert: PT2E); not for ncnn or coreml")
+    p.add_argument("--calib", help="calibration images for --int8: a DATA yaml (its train images, "
+                                   "never the split AP is measured on), a folder or a glob")
     p.add_argument("--calib-n", type=int, default=64, help="calibration images to use (default 64)")
+    add_cfg_option(p, "export")
     p.set_defaults(func=run)
 
 
 def load_model(args: argparse.Namespace):
-    """(model, class names, default imgsz, extra metadata) from --weights or --model."""
+    """(model, its ModelInfo, default imgsz, extra metadata) from --weights or --model."""
     if args.weights:
-        from ..checkpoint import model_from_checkpoint
-        model, ckpt = model_from_checkpoint(args.weights)
-        imgsz = (ckpt.get("train_config") or {}).get("imgsz", 640)
+        from ..infer.factory import load_trained
+        model, info = load_trained(args.weights)
         meta = {"source": Path(args.weights).name, "source_sha256": file_sha256(args.weights)}
-        return model, model.class_names, imgsz, meta
-    from ..registry import build_model, get_config
+        return model, info, info.imgsz, meta
+    from ..infer.model_info import ModelInfo
+    from ..models.factory import build_model
+    from ..registry import get_config
     get_config(args.model)  # a clear error for an unknown name
     log.warning("exporting %s with random weights (no --weights given)", args.model)
     model = build_model(args.model, num_classes=args.num_classes).eval()
-    return model, None, 640, {"source": "random init"}
+    return model, ModelInfo.for_model(model.cfg), 640, {"source": "random init"}
 
 
 def default_out(args: argparse.Namespace) -> Path:
@@ -91,33 +99,40 @@ def default_out(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Run `mobileinst export`."""
+    """Run `mobileinst export` (args: parsed options, or an ExportConfig as a Namespace)."""
     from .onnx import export_onnx, parse_imgsz
+    if hasattr(args, "_verb"):  # parsed: the --cfg file, then the given options
+        args = as_namespace(config_from_args(args))
     check_export_options(args)
-    if args.int8 and not args.calib:
-        raise MobileInstError("--int8 needs --calib: a folder of real images or a DATA yaml")
-    if args.int8 and args.format != "onnx":
-        raise MobileInstError("--int8 is for --format onnx")
     if args.part != "full" and args.format != "onnx":
         raise MobileInstError("--part features is for --format onnx")
-    model, names, train_imgsz, meta = load_model(args)
+    model, info, train_imgsz, meta = load_model(args)
+    names = list(info.class_names)
     hw = parse_imgsz(args.imgsz)
     out = Path(args.out) if args.out else default_out(args)
     t0 = time.perf_counter()
     if args.format != "onnx":
         from .formats import export_format
+        from .quantize_runtimes import export_int8, int8_path
         if args.dynamic or args.postprocess:
             raise MobileInstError(f"--dynamic and --postprocess are for --format onnx "
                                   f"({args.format} graphs are fixed-size, raw outputs)")
-        path = export_format(args.format, model, out, hw or (640, 640), class_names=names, metadata=meta)
+        path = export_format(args.format, model, out, hw or (640, 640), class_names=names, metadata=meta,
+                             cat_ids=list(info.cat_ids))
         print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
+        if args.int8:
+            t0 = time.perf_counter()
+            q = export_int8(args.format, model, int8_path(path), hw or (640, 640), args.calib,
+                            n=args.calib_n, class_names=names, metadata=meta, cat_ids=list(info.cat_ids))
+            print(f"wrote {q} (int8, calibrated on up to {args.calib_n} images of {args.calib}; "
+                  f"{time.perf_counter() - t0:.0f} s)")
         return
     if args.dynamic and hw is None:
         hw = (train_imgsz, train_imgsz)
     path = export_onnx(model, out, imgsz=hw, dynamic=args.dynamic, simplify=args.simplify,
                        postprocess=args.postprocess, input_dtype=args.input_dtype,
-                       opset=args.opset, class_names=names, max_det=args.max_det,
-                       batch=args.batch, metadata=meta, part=args.part)
+                       opset=args.opset, class_names=names, cat_ids=list(info.cat_ids), max_det=args.max_det,
+                       batch=args.batch, metadata=meta, part=args.part, conf=args.conf)
     print(f"wrote {path} ({time.perf_counter() - t0:.0f} s): {describe(path)}")
     if args.int8:
         from .quantize import quantize_int8
@@ -134,6 +149,15 @@ def check_export_options(args: argparse.Namespace) -> None:
     check_range("--max-det", args.max_det, 1, 1000)
     check_range("--calib-n", args.calib_n, 1, 100000)
     check_range("--num-classes", args.num_classes, 1, 100000)
+    if args.int8:
+        from .formats import INT8_FORMATS, NO_INT8
+        if args.format not in INT8_FORMATS:
+            raise MobileInstError(f"--int8 is not available for --format {args.format}: "
+                                  f"{NO_INT8.get(args.format, 'no int8 tool')} (int8 formats: "
+                                  f"{', '.join(INT8_FORMATS)})")
+        if not args.calib:
+            raise MobileInstError("--int8 needs --calib: a DATA yaml (its train images) or a "
+                                  "folder of real images")
     if args.out:  # ncnn writes a folder, the others a file
         (check_output_dir if args.format == "ncnn" else check_output_file)(args.out, "export output (--out)")
 
@@ -149,17 +173,12 @@ def describe(path: str | Path) -> str:
     return f"input images (B={meta['batch']}, 3, {size}) {meta['input_dtype']} RGB 0..255; outputs {outs}"
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# -- predict --backend ---------------------------------------------------------------------------
-def add_backend_option(parser: argparse.ArgumentParser, backends: tuple[str, ...] = BACKENDS) -> None:
-    """--backend and --threads, for verbs that run a network."""
+# -- --backend, for the verbs that run a network ---------------------------------------------------
+def add_backend_option(parser: argparse.ArgumentParser, backends: tuple[str, ...] | None = None) -> None:
+    """--backend and --threads, for verbs that run a network (default: every backend of
+    `infer.factory.BACKENDS`)."""
+    from ..infer.factory import BACKENDS, RUNTIME_BACKENDS
+    backends = backends or BACKENDS
     others = [b for b in backends if b in RUNTIME_BACKENDS]
     parser.add_argument("--backend", choices=backends, default="torch",
                         help="torch (a .pt) or onnxruntime (an .onnx from `mobileinst export`, or a "
@@ -168,85 +187,3 @@ def add_backend_option(parser: argparse.ArgumentParser, backends: tuple[str, ...
                                 if others else "") + "; default torch")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the network (default: torch's / 1 for onnxruntime)")
-
-
-def make_predictor(args: argparse.Namespace):
-    """A Predictor (torch) or OnnxPredictor from parsed --weights/--backend/--imgsz/--conf/
-    --device/--threads options (missing ones take their defaults)."""
-    return load_predictor(args.weights, backend=getattr(args, "backend", "torch"),
-                          imgsz=getattr(args, "imgsz", None), conf=getattr(args, "conf", 0.3),
-                          device=getattr(args, "device", "cpu"), threads=getattr(args, "threads", None))
-
-
-def load_predictor(weights: str | Path, backend: str = "torch", imgsz: int | None = None,
-                   conf: float = 0.3, device: str = "cpu", threads: int | None = None):
-    """A predictor for `weights`: a .pt checkpoint (torch or onnxruntime backend) or an .onnx
-    file (onnxruntime). For onnxruntime, a .pt is exported once to a dynamic float32 graph with
-    raw outputs (so results equal the torch backend's), cached beside it as NAME.cache.onnx and
-    re-exported when the checkpoint changes."""
-    weights = Path(weights)
-    if backend not in BACKENDS:
-        raise MobileInstError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    is_onnx = weights.suffix.lower() == ".onnx"
-    if backend == "torch":
-        if is_onnx:
-            raise MobileInstError(f"{weights}: an ONNX file needs --backend onnxruntime")
-        import torch
-
-        from ..predict import Predictor
-        if threads:
-            torch.set_num_threads(threads)
-        kwargs: dict[str, Any] = {"conf": conf, "device": resolve_device(device)}
-        if imgsz:
-            kwargs["imgsz"] = imgsz
-        return Predictor.from_checkpoint(weights, **kwargs)
-    if resolve_device(device).type != "cpu" and device != "auto":
-        log.warning("the %s backend runs on the CPU (ignoring --device %s)", backend, device)
-    if backend in RUNTIME_BACKENDS:
-        if weights.suffix.lower() == ".pt":
-            raise MobileInstError(f"{weights}: --backend {backend} runs an exported file; first: "
-                                  f"mobileinst export --weights {weights} --format {backend}")
-        from .backends import RuntimePredictor
-        return RuntimePredictor(weights, backend=backend, imgsz=imgsz, conf=conf, threads=threads or 1)
-    from .runtime import OnnxPredictor
-    path = weights if is_onnx else cached_onnx(weights)
-    return OnnxPredictor(path, imgsz=imgsz, conf=conf, threads=threads or 1)
-
-
-def cached_onnx(weights: str | Path, part: str = "full") -> Path:
-    """The cached ONNX export of a checkpoint (dynamic, float32 input), reused when its recorded
-    sha256 matches the checkpoint, else (re-)exported (~20 s). part "full": the raw-output graph,
-    NAME.cache.onnx; part "features" (backbone + mask decoder, for video kernel reuse):
-    NAME.cache-features.onnx. A read-only folder falls back to ~/.cache/mobileinst/."""
-    from ..checkpoint import model_from_checkpoint
-    from .onnx import PARTS, export_onnx
-    weights = Path(weights)
-    if part not in PARTS:
-        raise MobileInstError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
-    if not weights.is_file():
-        from ..errors import CheckpointError
-        raise CheckpointError(f"{weights}: no such checkpoint file")
-    sha = file_sha256(weights)
-    suffix = "" if part == "full" else f"-{part}"
-    cache = weights.with_name(f"{weights.stem}.cache{suffix}.onnx")
-    if _cache_valid(cache, sha):
-        return cache
-    model, ckpt = model_from_checkpoint(weights)
-    imgsz = (ckpt.get("train_config") or {}).get("imgsz", 640)
-    log.warning("exporting %s to ONNX once for onnxruntime (cached in %s)", weights, cache)
-    kwargs = dict(imgsz=(imgsz, imgsz), dynamic=True, input_dtype="float32", part=part,
-                  class_names=model.class_names, metadata={"source": weights.name, "source_sha256": sha})
-    try:
-        return export_onnx(model, cache, **kwargs)
-    except PermissionError:  # read-only folder: a per-user cache
-        cache = Path.home() / ".cache" / "mobileinst" / f"{sha[:16]}{suffix}.onnx"
-        return cache if _cache_valid(cache, sha) else export_onnx(model, cache, **kwargs)
-
-
-def _cache_valid(cache: Path, sha: str) -> bool:
-    """The cache file exists and records the checkpoint's sha256 (a broken file is rebuilt)."""
-    from .onnx import read_metadata
-    try:
-        return cache.is_file() and read_metadata(cache).get("source_sha256") == sha
-    except Exception:  # noqa: BLE001 - a broken cache file is simply rebuilt
-        return False

@@ -7,7 +7,7 @@ same module as the raw ONNX graph (`ExportGraph`, float32 RGB 0..255 NCHW in, no
 outputs logits, objectness, kernels, mask_features) at a fixed size, batch 1; decode the outputs
 as the ONNX docstring (`mobileinst.export.onnx`) says. Beside each file a sidecar json
 (`metadata_path`) holds the same metadata as an ONNX export (class names, input size, model
-config, thresholds), which `mobileinst.export.backends.RuntimePredictor` reads. Converter quirks,
+config, thresholds), which `mobileinst.infer.runtimes.RuntimePredictor` reads. Converter quirks,
 from ecosystem.md §2 and tests/test_runtimes.py:
 - OpenVINO converts the module directly (`openvino.convert_model`; it also reads an ONNX file);
   the IR is saved in float32 (save_model's default would compress the weights to fp16).
@@ -35,6 +35,7 @@ from torch import nn
 
 from ..errors import MobileInstError
 from .fuse import fuse_conv_bn
+from .onnx import INPUT_NAME, RAW_OUTPUTS, ExportGraph, _metadata
 
 log = logging.getLogger("mobileinst.export")
 
@@ -58,22 +59,26 @@ def require(fmt: str) -> None:
 
 def graph_and_input(model: nn.Module, hw: tuple[int, int]) -> tuple[nn.Module, torch.Tensor]:
     """The raw-output export module (Conv-BN fused, eval) and an example (1, 3, H, W) input."""
-    from .onnx import ExportGraph
     graph = ExportGraph(fuse_conv_bn(model.eval())).eval()
     x = torch.randint(0, 256, (1, 3, *hw), generator=torch.Generator().manual_seed(0)).float()
     return graph, x
 
 
-def to_openvino(graph: nn.Module, x: torch.Tensor, out: Path) -> Path:
-    """OUT.xml + OUT.bin (OpenVINO IR, float32 weights); input `images`, outputs named as ONNX's."""
+def openvino_ir(graph: nn.Module, x: torch.Tensor):
+    """The converted OpenVINO model (in memory): input `images`, outputs named as ONNX's."""
     import openvino as ov
-    from .onnx import INPUT_NAME, RAW_OUTPUTS
     ir = ov.convert_model(graph, example_input=x, input=[tuple(x.shape)])
     ir.inputs[0].get_tensor().set_names({INPUT_NAME})
     for port, name in zip(ir.outputs, RAW_OUTPUTS):
         port.get_tensor().set_names({name})
+    return ir
+
+
+def to_openvino(graph: nn.Module, x: torch.Tensor, out: Path) -> Path:
+    """OUT.xml + OUT.bin (OpenVINO IR, float32 weights); input `images`, outputs named as ONNX's."""
+    import openvino as ov
     xml = out.with_suffix(".xml")
-    ov.save_model(ir, str(xml), compress_to_fp16=False)
+    ov.save_model(openvino_ir(graph, x), str(xml), compress_to_fp16=False)
     return xml
 
 
@@ -109,7 +114,6 @@ def to_coreml(graph: nn.Module, x: torch.Tensor, out: Path) -> Path:
     """An .mlpackage (ML program, fp16 compute: coremltools' default, what the Neural Engine
     runs); input `images`, outputs named as ONNX's."""
     import coremltools as ct
-    from .onnx import INPUT_NAME, RAW_OUTPUTS
     _coreml_and_alias()
     exported = torch.export.export(graph, (x,)).run_decompositions({})
     ml = ct.convert(exported, convert_to="mlprogram")
@@ -149,22 +153,31 @@ def metadata_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def write_metadata(model: nn.Module, graph: nn.Module, hw: tuple[int, int], fmt: str, path: Path,
-                   class_names: list[str] | None, extra: dict | None) -> Path:
+def meta_dict(model: nn.Module, graph: nn.Module, hw: tuple[int, int], fmt: str,
+              class_names: list[str] | None, extra: dict | None,
+              cat_ids: list[int] | None = None) -> dict[str, str]:
     """The ONNX export's metadata (`mobileinst.export.onnx`) for a float32, fixed, batch-1 graph."""
-    from .onnx import _metadata
-    meta = _metadata(model, graph, hw, False, 1, "float32", class_names, fmt,
-                     {"format": fmt, **(extra or {})})
+    return _metadata(model, graph, hw, False, 1, "float32", class_names, fmt,
+                     {"format": fmt, **(extra or {})}, cat_ids)
+
+
+def write_metadata(model: nn.Module, graph: nn.Module, hw: tuple[int, int], fmt: str, path: Path,
+                   class_names: list[str] | None, extra: dict | None,
+                   cat_ids: list[int] | None = None) -> Path:
+    """The sidecar json of `meta_dict` beside `path` (`metadata_path`)."""
+    meta = meta_dict(model, graph, hw, fmt, class_names, extra, cat_ids)
     side = metadata_path(path)
     side.write_text(json.dumps(meta, indent=1))
     return side
 
 
 def export_format(fmt: str, model: nn.Module, out: str | Path, hw: tuple[int, int],
-                  class_names: list[str] | None = None, metadata: dict | None = None) -> Path:
+                  class_names: list[str] | None = None, metadata: dict | None = None,
+                  cat_ids: list[int] | None = None) -> Path:
     """Export `model` to `fmt` at a fixed (H, W), batch 1, raw outputs; returns the written path
     (for openvino OUT with the suffix .xml). The sidecar metadata is written beside it
-    (`metadata_path`); `metadata` adds entries to it."""
+    (`metadata_path`); `metadata` adds entries to it; class_names / cat_ids: the trained
+    model's (`ModelInfo`)."""
     if fmt not in CONVERTERS:
         raise MobileInstError(f"unknown format {fmt!r}; choose from onnx, {', '.join(CONVERTERS)}")
     if hw[0] % 32 or hw[1] % 32:
@@ -176,10 +189,26 @@ def export_format(fmt: str, model: nn.Module, out: str | Path, hw: tuple[int, in
     try:
         with torch.no_grad():
             path = CONVERTERS[fmt](graph, x, out)
-        write_metadata(model, graph, hw, fmt, path, class_names, metadata)
+        write_metadata(model, graph, hw, fmt, path, class_names, metadata, cat_ids)
         return path
     except MobileInstError:
         raise
     except Exception as e:  # noqa: BLE001 - converters fail in their own ways; name the step
         raise MobileInstError(f"{fmt} conversion of {getattr(model.cfg, 'name', 'the model')} "
                               f"failed: {type(e).__name__}: {e}") from e
+
+
+# -- int8 -------------------------------------------------------------------------------------
+# format -> the tool that makes its static int8 file (`export_int8`); what `benchmark` can ask for
+INT8_FORMATS: dict[str, str] = {
+    "onnx": "onnxruntime static QDQ (mobileinst.export.quantize)",
+    "openvino": "NNCF post-training quantization",
+    "executorch": "PT2E + XNNPACKQuantizer, lowered to XNNPACK",
+    "litert": "PT2E + litert-torch PT2EQuantizer (STATIC QDQ conversion)",
+}
+# format -> why it has no int8 here
+NO_INT8: dict[str, str] = {
+    "ncnn": "ncnn int8 needs ncnn's C++ tools ncnn2table and ncnn2int8, which neither the ncnn "
+            "wheel (runtime and per-Mat quantize_to_int8 only) nor pnnx (fp16 switch only) ships",
+    "coreml": "CoreML files run only on macOS here; an int8 one could not be checked",
+}

@@ -22,7 +22,7 @@ N = queries (100), C = classes, E = kernel length (128).
     kernels        (B, N, E)        float  mask kernel of every query (track them across frames)
     mask_features  (B, E, H/8, W/8) float  mask features M
 
-Decoding (SparseInst's recipe; `mobileinst.export.runtime.decode_raw` does it):
+Decoding (SparseInst's recipe; `mobileinst.models.postprocess.decode_instances` does it):
 1. score = sqrt(sigmoid(logits) * sigmoid(objectness)) -> (B, N, C); per query,
    score, label = max / argmax over C (one label per query, no NMS).
 2. keep the queries with score > threshold (0.005 for evaluation; use your display
@@ -36,25 +36,56 @@ Decoding (SparseInst's recipe; `mobileinst.export.runtime.decode_raw` does it):
 
 Outputs with post-processing (`postprocess=True`)
 -------------------------------------------------
-K = `max_det` (default 100, at most N), sorted by score, best first.
+The instances, sorted by score, best first. K is data-dependent (a symbolic output dimension):
+
+- with `conf` (CLI `--conf 0.3`, your display confidence): the instances scoring above conf,
+  at most `max_det` (default 100, at most N); K = 0 when none does;
+- without `conf` (the default): every query above score_threshold (0.005) whose rescored score
+  is not 0 (the non-empty slots of graphs before `conf` existed), at most `max_det`;
+- batch > 1: K = the most any image of the batch keeps; an image's slots beyond its own count
+  have score 0 and an empty mask (keep scores > 0, or > your confidence, as before).
 
     labels   (B, K)        int64  class index
-    scores   (B, K)        float  rescored score; 0 for a slot whose query did not pass
-                                  score_threshold (0.005): keep scores > your confidence
+    scores   (B, K)        float  rescored score (> conf; 0 = empty slot, batch > 1 only)
     masks    (B, K, H, W)  uint8  1 = foreground, at the input size (H, W): crop the image's area
                                   inside the padding and resize it to the original image
     kernels  (B, K, E)     float  the kept queries' mask kernels (tracking)
 
 For one padded image whose size is the original one, (labels, scores, masks) equal
-`model.postprocess` for every instance with a score above the threshold. Every mask of the
-K slots is upsampled to full size, which costs ~1.5 ns per output pixel: export with a smaller
-`max_det` when fewer instances are needed.
+`model.postprocess` for every instance above conf (or with a non-zero score): same label,
+the same mask (IoU >= 0.99), score within 1e-5 against the graph before `conf` existed in
+onnxruntime and for this graph run in PyTorch (within 1e-4 onnxruntime vs PyTorch: the
+network's own float noise); tests/test_export_postprocess.py. A device app reads K from the output's shape and needs no threshold of
+its own when it exported with its confidence. Exported by the TorchScript fallback (when the
+dynamo exporter fails), K cannot be data-dependent: K = max_det, score 0 = empty slot
+(metadata `num_instances`: "max_det").
+
+The work follows what is kept, not max_det. Per image: scores and labels of all N queries; the
+kernels . M product (E x H/8 x W/8 per query) and the stride-4 masks and maskness only for the
+queries whose pre-score passes max(score_threshold, conf) (the rescoring never raises a score,
+so no other query can be kept; with cfg.mask_pooled_cls the class term needs the product of all
+N, made once and shared); the full-size bilinear upsampling (~1.5 ns per output pixel, 1 thread)
+and thresholding only for the K kept masks. Measured in benchmarks/postprocess_graph.py.
+
+Not done: "crop before resize". The masks of a letterboxed image matter only inside the image
+area (h, w), and cropping the stride-4 masks to ceil(h/4) + 1 rows and ceil(w/4) + 1 columns
+before the x4 resize would give the same pixels inside it (half-pixel sampling positions of
+those pixels never reach the cropped border) without the padding's. But the graph does not
+know (h, w): it would need a second input, which breaks every consumer that feeds `images`
+alone (int8 calibration, the predictors, device apps), and ONNX has no optional input except an
+initializer-backed default, which graph optimisers (onnxslim, onnxruntime) may fold into a
+constant. The saving is bounded by the padded share of the K upsampled masks: none for a
+dynamic graph (padding < 32 px) or a fixed graph exported at the camera's aspect ratio (e.g.
+`--imgsz 480 640`), which is the way to avoid it. Measured (benchmarks/postprocess_graph.py,
+1 thread, a loaded 2-core machine): the tail with 10 instances kept takes 20.9 ms at 640x640
+and 13.4 ms at 480x640, i.e. a 4:3 photo letterboxed into 640x640 would save ~7 ms of a
+~210 ms graph by cropping; with `conf` the tail is already ~1 ms + ~2 ms per kept instance.
 
 The features graph (`part="features"`, for kernel reuse in video)
 -----------------------------------------------------------------
 Backbone + mask decoder (SEMD) only, no instance decoder: same input, same preprocessing, one
 output. A video app runs the raw graph above on key frames and this one on the frames between,
-dotting their mask features with the last key frame's kernels (`mobileinst.track.predictor`).
+dotting their mask features with the last key frame's kernels (`mobileinst.infer.video`).
 
     mask_features  (B, E, H/8, W/8) float  equal to the raw graph's mask_features
 
@@ -63,7 +94,10 @@ model_name, model_config, class_names, cat_ids (json), input_name, input_dtype, 
 mean, std, size_divisor, dynamic, input_size ([H, W] or null), batch, imgsz (default short side
 for a dynamic graph), postprocess, outputs (json name -> layout), score_threshold,
 mask_threshold, max_det, exporter, graph ("raw", "postprocess" or "features"; graphs
-exported before this key existed are "raw" or "postprocess" by their `postprocess` entry).
+exported before this key existed are "raw" or "postprocess" by their `postprocess` entry);
+post-processed graphs also: conf (json: the export's conf, null = none: score_threshold only)
+and num_instances ("dynamic": K data-dependent; "max_det": K = max_det slots; absent in graphs
+before `conf` existed, which are "max_det").
 """
 from __future__ import annotations
 
@@ -82,6 +116,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import __version__
 from ..errors import MobileInstError
 from ..models.mobileinst import PIXEL_MEAN, PIXEL_STD
 from ..models.postprocess import InferenceConfig, maskness, query_scores
@@ -98,8 +133,10 @@ RAW_OUTPUTS = {
                      "bilinear_x2(kernels @ mask_features)",
 }
 POSTPROCESS_OUTPUTS = {
-    "labels": "(B, K) int64 class index",
-    "scores": "(B, K) float32 rescored score, best first; 0 = empty slot",
+    "labels": "(B, K) int64 class index; K = the instances kept (score > conf, or > 0 without "
+              "conf; at most max_det; the most of any image for B > 1; may be 0)",
+    "scores": "(B, K) float32 rescored score, best first; 0 = empty slot (an image of a batch "
+              "with fewer instances than K)",
     "masks": "(B, K, H, W) uint8 binary masks at the input size",
     "kernels": "(B, K, E) float32 mask kernels of the kept queries",
 }
@@ -114,21 +151,36 @@ class ExportGraph(nn.Module):
     """The module that is exported: images (B, 3, H, W) uint8 or float 0..255 -> outputs.
 
     postprocess=False: (logits, objectness, kernels, mask_features) of the network.
-    postprocess=True: (labels, scores, masks, kernels) of the top `max_det` queries (PostProcess).
+    postprocess=True: (labels, scores, masks, kernels) of the kept queries (PostProcess): at most
+    `max_det`, only those scoring above `conf` (default: every query above score_threshold).
     """
 
-    def __init__(self, model: nn.Module, postprocess: bool = False, max_det: int | None = None) -> None:
+    def __init__(self, model: nn.Module, postprocess: bool = False, max_det: int | None = None,
+                 conf: float | None = None) -> None:
         super().__init__()
         self.model = model
-        self.postprocess = PostProcess(model, max_det) if postprocess else None
+        self.postprocess = PostProcess(model, max_det, conf) if postprocess else None
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         mask_feats, f_mask, x6 = self.model.features(images.float())  # (B, E, H/8, W/8), ...
-        out = self.model.add_pooled_class_logits(self.model.instance_decoder(x6, f_mask), mask_feats)
-        logits, obj, kernels = out["pred_logits"], out["pred_scores"], out["pred_kernels"]
+        heads = self.model.instance_decoder(x6, f_mask)
         if self.postprocess is None:
-            return logits, obj, kernels, mask_feats
-        return self.postprocess(logits, obj, kernels, mask_feats, images.shape[-2:])
+            out = self.model.add_pooled_class_logits(heads, mask_feats)
+            return out["pred_logits"], out["pred_scores"], out["pred_kernels"], mask_feats
+        return self.tail(heads, mask_feats, images.shape[-2:])
+
+    def tail(self, heads: dict[str, Tensor], mask_feats: Tensor, size: Sequence[Any]) -> tuple[Tensor, ...]:
+        """The instance decoder's heads + M -> the post-processed outputs (everything after the
+        network; benchmarks/postprocess_graph.py exports it alone)."""
+        # the one kernels . M product: the pooled class term needs every query's stride-8 mask
+        # logits, and PostProcess reuses them; without that term PostProcess makes the product
+        # for the queries it keeps only
+        m8 = None
+        if getattr(self.model, "mask_class", None) is not None:
+            m8 = self.postprocess.product(heads["pred_kernels"], mask_feats)  # (B, N, H/8, W/8)
+        out = self.model.add_pooled_class_logits(heads, mask_feats, m8)
+        return self.postprocess(out["pred_logits"], out["pred_scores"], out["pred_kernels"],
+                                mask_feats, size, m8)
 
 
 class FeaturesGraph(nn.Module):
@@ -152,42 +204,110 @@ def graph_kind(meta: dict[str, str]) -> str:
     return "postprocess" if meta.get("postprocess") == "true" else "raw"
 
 
-class PostProcess(nn.Module):
-    """`mobileinst.models.postprocess.postprocess_image` for a batch, with static shapes.
+class MaskProduct(nn.Module):
+    """kernels (B, N, E) . M (B, E, h, w) -> stride-8 mask logits (B, N, h, w), once per graph.
 
-    Every ONNX node it makes is renamed `postprocess/...` after export, so that int8
-    quantization can leave it in float.
+    Its own module so that its nodes are tagged `postprocess/` (kept float by int8 quantization,
+    as when PostProcess made the product) although ExportGraph calls it before the pooled class
+    term of a cfg.mask_pooled_cls model, which reads the same logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.fn = model.mask_logits  # a bound method, not a submodule
+
+    def forward(self, kernels: Tensor, mask_feats: Tensor) -> Tensor:
+        return self.fn(kernels, mask_feats)
+
+
+def _resize(x: Tensor, **kwargs: Any) -> Tensor:
+    """F.interpolate (bilinear, half-pixel) that also takes an empty (B, 0, h, w): ONNX Resize
+    does, eager PyTorch raises, so the eager run (export checks, tests) returns the empty result."""
+    if not torch.compiler.is_exporting() and x.shape[1] == 0:  # (no guard on K while exporting)
+        size = kwargs.get("size") or [int(s * kwargs["scale_factor"]) for s in x.shape[-2:]]
+        return x.new_zeros((*x.shape[:2], int(size[0]), int(size[1])))
+    return F.interpolate(x, mode="bilinear", align_corners=False, **kwargs)
+
+
+class PostProcess(nn.Module):
+    """`mobileinst.models.postprocess.postprocess_image` for a batch, the work sized by what is kept.
+
+    1. pre-score s = sqrt(sigmoid(logits) * sigmoid(objectness)), label = argmax (every query);
+    2. sort the queries by s; K1 = the most queries above t = max(score_threshold, conf) in any
+       image of the batch: only those K1 get mask logits (kernels . M, unless ExportGraph made
+       it for all N for the pooled class term: then gathered) at stride 4, sigmoid, maskness;
+    3. final = s * maskness (0 for a query of an image whose own s <= t); sort; K = the most
+       finals > conf (> 0 without conf) in any image, at most max_det: only those K masks are
+       upsampled to (H, W) and thresholded; slots of an image beyond its own count get score 0
+       and an empty mask (batch > 1 only). K may be 0.
+
+    Equal to the old graph (every query's mask at stride 4, the top max_det all upsampled) for
+    every kept instance: final <= s (maskness <= 1), so a query with s <= conf can never be
+    kept (the proof of `mobileinst.models.postprocess.conf_config`), and ranking the survivors gives the
+    same top max_det. K1 and K are data-dependent sizes (the dynamo exporter makes them
+    symbolic, `u0`/`u1`); `dynamic_k = False` (the TorchScript fallback, which would freeze them
+    at the example's values) keeps K1 = N and K = max_det with empty slots instead.
+
+    Every ONNX node it (and MaskProduct) makes is renamed `postprocess/...` after export, so that
+    int8 quantization can leave it in float.
     """
 
-    def __init__(self, model: nn.Module, max_det: int | None = None) -> None:
+    def __init__(self, model: nn.Module, max_det: int | None = None, conf: float | None = None) -> None:
         super().__init__()
         cfg: InferenceConfig = model.inference
         self.score_threshold = cfg.score_threshold
         self.mask_threshold = cfg.mask_threshold
         self.max_det = min(max_det or cfg.max_detections, model.cfg.num_queries)
-        self.mask_logits = model.masks  # kernels (B, N, E) . M (B, E, h, w) -> (B, N, 2h, 2w)
+        self.conf = None if conf is None else float(conf)
+        self.upsample = float(model.cfg.mask_upsample)
+        self.product = MaskProduct(model)
+        self.dynamic_k = True
+
+    def _count(self, passed: Tensor, upper: int) -> int:
+        """The most True of any row of (B, n) `passed`, at most `upper` (static: `upper`)."""
+        if not self.dynamic_k:
+            return upper
+        k = int(passed.sum(1).clamp(max=upper).max())
+        torch._check(k >= 0)
+        torch._check(k <= upper)
+        return k
 
     def forward(self, logits: Tensor, obj: Tensor, kernels: Tensor, mask_feats: Tensor,
-                size: Sequence[Any]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Raw outputs -> top-K (labels, scores, masks uint8 at `size`, kernels)."""
-        scores, labels = query_scores(logits, obj)  # (B, N), (B, N)
-        prob = self.mask_logits(kernels, mask_feats).sigmoid()  # (B, N, H/4, W/4)
-        valid = scores > self.score_threshold
-        scores = torch.where(valid, scores * maskness(prob, self.mask_threshold),
-                             torch.zeros_like(scores))
-        scores, idx = scores.topk(self.max_det, dim=1)  # (B, K), best first
-        labels = labels.gather(1, idx)  # (B, K)
-        kernels = kernels.gather(1, idx.unsqueeze(-1).expand(-1, -1, kernels.shape[-1]))  # (B, K, E)
+                size: Sequence[Any], m8: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Network outputs (+ every query's stride-8 mask logits `m8`, when already made) ->
+        (labels (B, K), scores (B, K), masks (B, K, H, W) uint8 at `size`, kernels (B, K, E))."""
+        cut = 0.0 if self.conf is None else self.conf  # the final-score cut
+        pre_thr = max(self.score_threshold, cut)  # final <= pre: nothing below it is kept
+        pre, labels = query_scores(logits, obj)  # (B, N), (B, N)
+        pre, order = pre.sort(dim=1, descending=True)  # (B, N)
+        k1 = self._count(pre > pre_thr, pre.shape[1])
+        pre, order = pre[:, :k1], order[:, :k1]  # (B, K1), the candidates, best first
+        b, e, h, w = mask_feats.shape
+        if m8 is None:  # kernels . M of the candidates only
+            cand = kernels.gather(1, order[:, :, None].expand(-1, -1, e))  # (B, K1, E)
+            m8 = torch.bmm(cand, mask_feats.flatten(2)).view(b, k1, h, w)  # (B, K1, h, w)
+        else:
+            m8 = m8.gather(1, order[:, :, None, None].expand(-1, -1, h, w))  # (B, K1, h, w)
+        prob = _resize(m8, scale_factor=self.upsample).sigmoid()  # (B, K1, H/4, W/4)
+        final = torch.where(pre > pre_thr, pre * maskness(prob, self.mask_threshold),
+                            torch.zeros_like(pre))
+        final, o2 = final.sort(dim=1, descending=True)  # (B, K1)
+        k = self._count(final > cut, min(self.max_det, k1))
+        final, o2 = final[:, :k], o2[:, :k]  # (B, K)
+        keep = final > cut
+        scores = torch.where(keep, final, torch.zeros_like(final))  # 0 = empty slot
+        idx = order.gather(1, o2)  # (B, K) query index
+        labels = labels.gather(1, idx)
+        kernels = kernels.gather(1, idx[:, :, None].expand(-1, -1, e))  # (B, K, E)
         h4, w4 = prob.shape[-2], prob.shape[-1]
-        prob = prob.gather(1, idx[:, :, None, None].expand(-1, -1, h4, w4))  # (B, K, H/4, W/4)
-        prob = prob * (scores > 0).to(prob.dtype)[:, :, None, None]  # empty slots -> empty masks
-        # only the K kept masks are upsampled to the input size
-        prob = F.interpolate(prob, size=(size[0], size[1]), mode="bilinear", align_corners=False)
+        prob = prob.gather(1, o2[:, :, None, None].expand(-1, -1, h4, w4))  # (B, K, H/4, W/4)
+        prob = prob * keep.to(prob.dtype)[:, :, None, None]  # empty slots -> empty masks
+        prob = _resize(prob, size=(size[0], size[1]))  # only the K kept masks, to the input size
         masks = (prob > self.mask_threshold).to(torch.uint8)  # (B, K, H, W)
         return labels, scores, masks, kernels
 
 
 POSTPROCESS_PREFIX = "postprocess/"
+_POSTPROCESS_CLASSES = (f"{__name__}.PostProcess", f"{__name__}.MaskProduct")
 
 
 def _tag_postprocess_nodes(proto) -> int:
@@ -195,7 +315,7 @@ def _tag_postprocess_nodes(proto) -> int:
     n = 0
     for node in proto.graph.node:
         meta = {p.key: p.value for p in node.metadata_props}
-        if "PostProcess" in meta.get("pkg.torch.onnx.class_hierarchy", ""):
+        if any(c in meta.get("pkg.torch.onnx.class_hierarchy", "") for c in _POSTPROCESS_CLASSES):
             node.name = POSTPROCESS_PREFIX + node.name
             n += 1
     return n
@@ -233,7 +353,12 @@ def to_input(images_hwc: np.ndarray, dtype: str) -> np.ndarray:
 
 # -- export ----------------------------------------------------------------------------------
 def _check_args(imgsz: tuple[int, int], input_dtype: str, opset: int, batch: int,
-                part: str = "full", postprocess: bool = False) -> None:
+                part: str = "full", postprocess: bool = False, conf: float | None = None) -> None:
+    if conf is not None and not postprocess:
+        raise MobileInstError("conf (--conf) is for post-processed graphs (--postprocess); a raw "
+                              "graph's consumer applies its own confidence")
+    if conf is not None and not 0.0 <= conf < 1.0:
+        raise MobileInstError(f"conf must be in [0, 1), got {conf}")
     if part not in PARTS:
         raise MobileInstError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
     if part == "features" and postprocess:
@@ -291,6 +416,10 @@ def _torch_export(graph: ExportGraph | FeaturesGraph, example: Tensor, dynamic: 
     except Exception as e:  # noqa: BLE001 - any exporter failure: try the legacy exporter
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     log.warning("dynamo ONNX export failed (%s); falling back to the TorchScript exporter", reason)
+    if graph.postprocess is not None:  # tracing would freeze the data-dependent K at the example's
+        graph.postprocess.dynamic_k = False
+        log.warning("the TorchScript exporter cannot make the number of instances data-dependent: "
+                    "the graph returns K = max_det (%d) slots, score 0 = empty", graph.postprocess.max_det)
     buf = io.BytesIO()
     axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}} if dynamic else None
     if axes:
@@ -341,24 +470,26 @@ def run_proto(proto, images: np.ndarray, threads: int = 1) -> dict[str, np.ndarr
 
 def _metadata(model: nn.Module, graph: ExportGraph | FeaturesGraph, imgsz: tuple[int, int],
               dynamic: bool, batch: int, input_dtype: str, class_names: list[str] | None, exporter: str,
-              extra: dict[str, Any]) -> dict[str, str]:
-    from .. import __version__
+              extra: dict[str, Any], cat_ids: list[int] | None = None,
+              default_imgsz: int | None = None) -> dict[str, str]:
     cfg = model.cfg
-    names = list(class_names or getattr(model, "class_names", None) or
-                 [str(i) for i in range(cfg.num_classes)])
-    if len(names) != cfg.num_classes:
-        raise MobileInstError(f"{len(names)} class names for a model with {cfg.num_classes} classes")
+    names = list(class_names or [str(i) for i in range(cfg.num_classes)])
+    ids = list(cat_ids or range(1, cfg.num_classes + 1))
+    if len(names) != cfg.num_classes or len(ids) != cfg.num_classes:
+        raise MobileInstError(f"{len(names)} class names and {len(ids)} category ids for a model "
+                              f"with {cfg.num_classes} classes")
     kind = "features" if isinstance(graph, FeaturesGraph) else \
         ("raw" if graph.postprocess is None else "postprocess")
     outputs = {"raw": RAW_OUTPUTS, "postprocess": POSTPROCESS_OUTPUTS, "features": FEATURES_OUTPUTS}[kind]
     pp = graph.postprocess if graph.postprocess is not None else PostProcess(model, None)
     meta = {
         "producer": "mobileinst",
+        "format_version": "1",  # infer.model_info.EXPORT_FORMAT_VERSION: newer files are refused
         "mobileinst_version": __version__,
         "model_name": cfg.name,
         "model_config": json.dumps(cfg.to_dict()),
         "class_names": json.dumps(names),
-        "cat_ids": json.dumps(list(getattr(model, "cat_ids", None) or range(1, cfg.num_classes + 1))),
+        "cat_ids": json.dumps(ids),
         "input_name": INPUT_NAME,
         "input_dtype": input_dtype,
         "input_layout": f"(B, 3, H, W) RGB {input_dtype} 0..255, not normalised; the graph "
@@ -369,7 +500,7 @@ def _metadata(model: nn.Module, graph: ExportGraph | FeaturesGraph, imgsz: tuple
         "dynamic": json.dumps(dynamic),
         "input_size": json.dumps(None if dynamic else list(imgsz)),
         "batch": "dynamic" if dynamic else str(batch),
-        "imgsz": str(min(imgsz)),
+        "imgsz": str(default_imgsz or min(imgsz)),
         "postprocess": json.dumps(graph.postprocess is not None),
         "outputs": json.dumps(outputs),
         "score_threshold": str(pp.score_threshold),
@@ -378,6 +509,9 @@ def _metadata(model: nn.Module, graph: ExportGraph | FeaturesGraph, imgsz: tuple
         "exporter": exporter,
         "graph": kind,
     }
+    if kind == "postprocess":
+        meta["conf"] = json.dumps(pp.conf)  # null: every query above score_threshold
+        meta["num_instances"] = "dynamic" if pp.dynamic_k else "max_det"  # K of the outputs
     meta.update({str(k): v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
     return meta
 
@@ -401,7 +535,9 @@ def export_onnx(model: nn.Module, out: str | Path, imgsz: tuple[int, int] | int 
                 dynamic: bool = False, simplify: bool = True, postprocess: bool = False,
                 input_dtype: str = "uint8", opset: int = 18, class_names: list[str] | None = None,
                 max_det: int | None = None, batch: int = 1, fuse: bool = True, verify: bool = True,
-                metadata: dict[str, Any] | None = None, part: str = "full") -> Path:
+                metadata: dict[str, Any] | None = None, part: str = "full",
+                conf: float | None = None, cat_ids: list[int] | None = None,
+                default_imgsz: int | None = None) -> Path:
     """Export a MobileInst network to ONNX; returns the written path.
 
     imgsz: (H, W) of a fixed graph (default 640 x 640); with `dynamic` only the example size
@@ -409,26 +545,32 @@ def export_onnx(model: nn.Module, out: str | Path, imgsz: tuple[int, int] | int 
     dynamic: any batch and any H, W that are multiples of 32 (else exactly (batch, 3, H, W)).
     postprocess: put scores, maskness rescoring, top-`max_det`, mask upsampling and thresholding
       in the graph (outputs labels, scores, masks, kernels); else the raw network outputs.
+    conf: with postprocess, the graph returns only the instances scoring above conf (the
+      display confidence, e.g. 0.3), and computes masks for those only: K is then
+      data-dependent. None (default): every query above score_threshold (0.005) with a
+      non-zero score, i.e. the slots the graph always returned, at most max_det.
     input_dtype: "uint8" (default) or "float32"; either way pixel values 0..255, RGB.
     simplify: onnxslim the graph, keeping it only if its outputs match the unsimplified one.
     fuse: fold BatchNorm into the convolutions first (same outputs, smaller graph).
     verify: run the exported graph in onnxruntime on a natural-looking image and compare with
       PyTorch; a mismatch raises MobileInstError.
     metadata: extra key -> value pairs for metadata_props (values json-encoded unless str).
+    class_names, cat_ids: the trained model's (`ModelInfo`; default "0".."C-1" and 1..C).
+    default_imgsz: the short side predictors use for a dynamic graph (default min(imgsz)).
     part: "full" (the whole network) or "features" (backbone + mask decoder only: images ->
       mask_features, for the frames between video key frames; metadata `graph: features`).
     The layout and decoding of the outputs are in this module's docstring.
     """
     import onnx
     hw = (640, 640) if imgsz is None else ((imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz))
-    _check_args(hw, input_dtype, opset, batch, part, postprocess)
+    _check_args(hw, input_dtype, opset, batch, part, postprocess, conf)
     out = Path(out)
     net = fuse_conv_bn(model) if fuse else model
     net.eval()
     if part == "features":
         graph, output_names = FeaturesGraph(net).eval(), list(FEATURES_OUTPUTS)
     else:
-        graph = ExportGraph(net, postprocess, max_det).eval()
+        graph = ExportGraph(net, postprocess, max_det, conf).eval()
         output_names = list(POSTPROCESS_OUTPUTS if postprocess else RAW_OUTPUTS)
     n_example = max(2, batch) if dynamic else batch
     example = to_input(example_images(n_example, *hw), input_dtype)
@@ -441,7 +583,7 @@ def export_onnx(model: nn.Module, out: str | Path, imgsz: tuple[int, int] | int 
         proto, _ = _slim(proto, check)
     proto.producer_name, proto.producer_version = "mobileinst", _version()
     set_metadata(proto, _metadata(model, graph, hw, dynamic, batch, input_dtype, class_names,
-                                  exporter, metadata or {}))
+                                  exporter, metadata or {}, cat_ids, default_imgsz))
     onnx.checker.check_model(proto)
     save_atomic(proto, out)
     return out
@@ -462,7 +604,6 @@ def save_atomic(proto, out: Path) -> None:
 
 
 def _version() -> str:
-    from .. import __version__
     return __version__
 
 
@@ -473,27 +614,44 @@ def _verify(graph: ExportGraph | FeaturesGraph, proto, images: np.ndarray) -> di
     Raw outputs: max abs difference <= 1e-3 of the output's magnitude (float rounding differs
     between the two runtimes on large activations). Post-processed: scores within 1e-3 and >= 99%
     of the mask pixels of the valid slots equal (labels and order may swap between near-equal
-    scores, so slots are compared after sorting by (score, label)).
+    scores, so slots are compared after sorting by (score, label)); the data-dependent K may
+    differ only by slots whose score is within 1e-3 of the cut (conf, or 0).
     """
     got = run_proto(proto, images)
     ref = [t.numpy() for t in graph(torch.from_numpy(images))]
+    if graph.postprocess is not None:
+        return _verify_postprocessed(graph.postprocess, got, ref)
     diffs = {}
     for (name, a), b in zip(got.items(), ref):
         if a.shape != b.shape:
             raise MobileInstError(f"ONNX export check failed: output {name} has shape {a.shape}, "
                                   f"PyTorch {b.shape}")
-        if a.dtype.kind == "f":
-            scale = max(1.0, float(np.abs(b).max(initial=0.0)))
-            diffs[name] = float(np.abs(a - b).max(initial=0.0)) / scale
-    if graph.postprocess is not None:
-        ok = (scores_close := np.abs(np.sort(got["scores"], 1) - np.sort(ref[1], 1)).max(initial=0.0)) <= 1e-3
-        valid = ref[1] > 0.05
-        agree = float(np.mean(got["masks"][valid] == ref[2][valid])) if valid.any() else 1.0
-        diffs = {"scores": float(scores_close), "masks_disagree": 1 - agree}
-        if not ok or agree < 0.99:
-            raise MobileInstError(f"ONNX export check failed (post-processed graph): {diffs}")
-    elif any(d > 1e-3 for d in diffs.values()):
+        scale = max(1.0, float(np.abs(b).max(initial=0.0)))
+        diffs[name] = float(np.abs(a - b).max(initial=0.0)) / scale
+    if any(d > 1e-3 for d in diffs.values()):
         raise MobileInstError(f"ONNX export check failed: outputs differ from PyTorch: {diffs}")
+    log.info("ONNX export check: %s", diffs)
+    return diffs
+
+
+def _verify_postprocessed(pp: PostProcess, got: dict[str, np.ndarray], ref: list[np.ndarray]
+                          ) -> dict[str, float]:
+    """`_verify` of a post-processed graph (labels, scores, masks, kernels)."""
+    gs, rs = got["scores"], ref[1]
+    if gs.shape[0] != rs.shape[0] or got["masks"].shape[2:] != ref[2].shape[2:]:
+        raise MobileInstError(f"ONNX export check failed: masks {got['masks'].shape}, PyTorch "
+                              f"{ref[2].shape}")
+    k = min(gs.shape[1], rs.shape[1])
+    cut = pp.conf or 0.0
+    extra = np.concatenate([gs[:, k:].ravel(), rs[:, k:].ravel()])  # slots only one side has
+    scores_diff = float(np.abs(-np.sort(-gs, 1)[:, :k] - -np.sort(-rs, 1)[:, :k]).max(initial=0.0))
+    valid = rs[:, :k] > 0.05
+    masks_g, masks_r = got["masks"][:, :k], ref[2][:, :k]
+    agree = float(np.mean(masks_g[valid] == masks_r[valid])) if valid.any() else 1.0
+    diffs = {"scores": scores_diff, "masks_disagree": 1 - agree, "k": float(gs.shape[1]),
+             "k_torch": float(rs.shape[1])}
+    if scores_diff > 1e-3 or agree < 0.99 or bool(((extra > 0) & (np.abs(extra - cut) > 1e-3)).any()):
+        raise MobileInstError(f"ONNX export check failed (post-processed graph): {diffs}")
     log.info("ONNX export check: %s", diffs)
     return diffs
 

@@ -20,8 +20,14 @@ from typing import Iterable
 
 import numpy as np
 
+from ..data.coco import read_rgb
+from ..data.config import load_data_config
+from ..data.sources import list_sources
 from ..errors import DataError, MobileInstError
-from .onnx import POSTPROCESS_PREFIX, read_metadata, save_atomic, set_metadata
+from ..infer.model_info import ModelInfo
+from ..infer.ort import open_session
+from ..infer.preprocess import input_arrays
+from .onnx import INPUT_NAME, POSTPROCESS_PREFIX, save_atomic, set_metadata
 
 log = logging.getLogger("mobileinst.export")
 
@@ -30,15 +36,13 @@ def calibration_images(source: str | Path | Iterable[np.ndarray], n: int = 64) -
     """RGB uint8 images for calibration: a list of arrays, or a folder / glob / image file, or a
     DATA yaml (its TRAIN images: calibration must not see the split AP is measured on). At most
     `n`, spread evenly over the sorted list."""
-    from ..predict import list_sources, read_image
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.suffix.lower() in (".yaml", ".yml"):
-            from ..data.config import load_data_config
             path = load_data_config(path).train.images
         files = list_sources(path)
         picks = np.linspace(0, len(files) - 1, min(n, len(files))).round().astype(int)
-        images = [read_image(files[i]) for i in sorted(set(picks.tolist()))]
+        images = [read_rgb(files[i]) for i in sorted(set(picks.tolist()))]
     else:
         images = list(source)
         picks = np.linspace(0, len(images) - 1, min(n, len(images))).round().astype(int)
@@ -82,31 +86,24 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path,
         raise MobileInstError("onnxruntime is not installed: pip install 'mobileinst[export]'") from None
     import onnx
 
-    from .runtime import OnnxPredictor
     onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
     if activations not in ("uint8", "int8"):
         raise MobileInstError(f"activations must be 'uint8' or 'int8', got {activations!r}")
     act_type = QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8
-    predictor = OnnxPredictor(onnx_in)  # checks the file is one of ours
-    if "quantization" in predictor.meta:
-        raise MobileInstError(f"{onnx_in}: already quantized ({predictor.meta['quantization']})")
-    images = calibration_images(calibration, n)
-    step = predictor.batch or 1
-    batches = []
-    for s in range(0, len(images), step):
-        chunk = images[s:s + step]
-        chunk += [chunk[-1]] * (step - len(chunk))
-        batches.append(predictor.prepare(chunk)[0])
-    meta = read_metadata(onnx_in)
+    _, meta = open_session(onnx_in)  # checks the file is one of ours
+    if "quantization" in meta:
+        raise MobileInstError(f"{onnx_in}: already quantized ({meta['quantization']})")
+    info = ModelInfo.from_metadata(onnx_in, meta)
+    batches = input_arrays(calibration_images(calibration, n), info.input, info.imgsz)
     proto = onnx.load(str(onnx_in))
     exclude = [node.name for node in proto.graph.node if node.name.startswith(POSTPROCESS_PREFIX)]
-    exclude += shape_derived_nodes(proto, predictor.input.name)
+    exclude += shape_derived_nodes(proto, meta.get("input_name", INPUT_NAME))
     onnx_in, onnx_out = Path(onnx_in).resolve(), Path(onnx_out).resolve()
     with tempfile.TemporaryDirectory() as tmp, working_dir(tmp):  # ORT leaves temp files in cwd
         model_in = _preprocess(onnx_in, Path(tmp) / "pre.onnx")
         out_tmp = Path(tmp) / "int8.onnx"
         quantize_static(
-            str(model_in), str(out_tmp), _Reader(predictor.input.name, batches),
+            str(model_in), str(out_tmp), _Reader(meta.get("input_name", INPUT_NAME), batches),
             quant_format=QuantFormat.QDQ, activation_type=act_type,
             weight_type=QuantType.QInt8, per_channel=per_channel,
             calibrate_method=CalibrationMethod.MinMax,
@@ -117,7 +114,8 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path,
     meta["quantization"] = (f"int8 static QDQ ({'U8S8' if activations == 'uint8' else 'S8S8'}, "
                             f"{'per-channel' if per_channel else 'per-tensor'} weights, MinMax) of "
                             f"{'/'.join(op_types) if op_types else 'all supported operators'}, calibrated on "
-                            f"{len(images)} images; post-processing kept in float")
+                            f"{len(batches) * (info.input.batch or 1)} images; post-processing kept in float")
+    meta["int8"] = meta["quantization"]  # the key every format's int8 metadata has
     set_metadata(proto, meta)
     save_atomic(proto, onnx_out)
     return onnx_out

@@ -7,19 +7,20 @@ from __future__ import annotations
 
 from torch import nn
 
+from .mobilenetv2 import mobilenetv2
+from .seaformer import seaformer
+from .topformer import topformer
+
 
 def _topformer(variant: str) -> nn.Module:
-    from .topformer import topformer
     return topformer(variant)
 
 
 def _seaformer(variant: str) -> nn.Module:
-    from .seaformer import seaformer
     return seaformer(variant)
 
 
 def _mobilenetv2(variant: str) -> nn.Module:
-    from .mobilenetv2 import mobilenetv2
     return mobilenetv2(variant)
 
 

@@ -1,7 +1,8 @@
 """MobileInst: backbone -> semantic-enhanced mask decoder -> dual-transformer instance decoder.
 
 forward(images) in training mode returns the raw outputs the losses need; in eval mode it returns,
-per image, the instances (labels, scores, full-resolution binary masks). Images go in as RGB
+per image, the instances (labels, scores, full-resolution binary masks), decoded from
+`inference_outputs` by `postprocess.decode_instances`, the decode step every backend shares. Images go in as RGB
 pixel values 0..255 (B, 3, H, W), H and W multiples of 32; normalisation happens inside, so an
 exported graph takes the same input.
 """
@@ -16,7 +17,7 @@ from ..registry import ModelConfig
 from .backbones import build_backbone
 from .instance_decoder import DualTransformerDecoder
 from .mask_decoder import SemanticEnhancedMaskDecoder
-from .postprocess import InferenceConfig, postprocess_image
+from .postprocess import InferenceConfig, decode_instances
 
 # Input normalisation of the reproduction config and of TopFormer/SeaFormer (mobileinst.md).
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -109,45 +110,36 @@ class MobileInst(nn.Module):
             out["aux_outputs"] = [self.decode(dec.heads(dec.norm(q_global)), mask_feats)]
         return out
 
+    def inference_outputs(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """What inference needs, and what the raw ONNX graph returns: class logits (B, N, C) (with
+        the pooled term when configured), objectness (B, N, 1), kernels (B, N, E) and mask
+        features M (B, E, H/8, W/8). No mask is computed here: `decode_instances` makes the masks
+        of the queries it keeps."""
+        mask_feats, f_mask, x6 = self.features(images)
+        out = self.add_pooled_class_logits(self.instance_decoder(x6, f_mask), mask_feats)
+        return out["pred_logits"], out["pred_scores"], out["pred_kernels"], mask_feats
+
     def forward(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None,
                 orig_sizes: list[tuple[int, int]] | None = None):
-        raw = self.forward_raw(images)
         if self.training:
-            return raw
-        return self.postprocess(raw, tuple(images.shape[-2:]), image_sizes, orig_sizes)
-
-    # -- the Python API ----------------------------------------------------------------------
-    @classmethod
-    def from_checkpoint(cls, path: str, use_ema: bool = True) -> "MobileInst":
-        """A trained model from a checkpoint (`last.pt`/`best.pt`), in eval mode, with its class
-        names, category ids and training size (the default size of `predict`)."""
-        from ..checkpoint import model_from_checkpoint
-        model, ckpt = model_from_checkpoint(path, use_ema=use_ema)
-        model.train_imgsz = int((ckpt.get("train_config") or {}).get("imgsz", 640))
-        return model
-
-    def predict(self, image, conf: float = 0.3, imgsz: int | None = None):
-        """RGB uint8 image(s) (H, W, 3) -> `mobileinst.predict.Result`(s): labels, scores, names
-        and full-resolution boolean masks of the instances scoring above `conf`."""
-        from ..predict import Predictor
-        predictor = Predictor(self, imgsz=imgsz or getattr(self, "train_imgsz", 640), conf=conf,
-                              device=self.pixel_mean.device)
-        return predictor(image)
+            return self.forward_raw(images)
+        return self.postprocess(self.inference_outputs(images), tuple(images.shape[-2:]),
+                                image_sizes, orig_sizes)
 
     # -- inference ---------------------------------------------------------------------------
-    def postprocess(self, raw: dict[str, Tensor], padded_size: tuple[int, int],
+    def postprocess(self, outputs: tuple[Tensor, Tensor, Tensor, Tensor], padded_size: tuple[int, int],
                     image_sizes: list[tuple[int, int]] | None = None,
                     orig_sizes: list[tuple[int, int]] | None = None) -> list[dict[str, Tensor]]:
-        """Raw outputs -> per image {labels (K,), scores (K,), masks (K, H0, W0) bool}.
+        """`inference_outputs` -> per image {labels (K,), scores (K,), masks (K, H0, W0) bool}
+        (`decode_instances` with `self.inference`).
 
         image_sizes: each image's size inside the padding (default: the padded size);
         orig_sizes: the size to return masks at (default: image_sizes)."""
-        b = raw["pred_logits"].shape[0]
+        logits, obj, kernels, mask_feats = outputs
+        b = logits.shape[0]
         image_sizes = image_sizes or [padded_size] * b
         orig_sizes = orig_sizes or image_sizes
-        return [
-            postprocess_image(raw["pred_logits"][i], raw["pred_scores"][i], raw["pred_masks"][i],
-                              padded_size, tuple(image_sizes[i]), tuple(orig_sizes[i]),
-                              self.inference)
-            for i in range(b)
-        ]
+        return [decode_instances(logits[i], obj[i], kernels[i], mask_feats[i], padded_size,
+                                 tuple(image_sizes[i]), tuple(orig_sizes[i]), self.inference,
+                                 self.cfg.mask_upsample)
+                for i in range(b)]

@@ -29,6 +29,22 @@ class InferenceConfig:
     # above score_threshold is ranked and returned, up to max_detections.
     conf: float | None = None
 
+
+def conf_config(cfg: InferenceConfig, conf: float) -> InferenceConfig:
+    """The post-processing for `predict --conf`: pre-score threshold conf, final-score cut conf.
+
+    Exactly the instances that ranking every query above min(score_threshold, conf) and then
+    keeping score > conf gives (the old recipe), without a mask for the rest. Proof: the final
+    score is pre * maskness with pre >= 0 and 0 <= maskness <= 1 (a mean of probabilities over
+    the binarised pixels; in float32 too, since sum(p * fg) <= sum(fg) term by term with the same
+    summation order and rounding is monotone), so final <= pre and final > conf implies
+    pre > conf >= min(score_threshold, conf). The queries the higher threshold drops thus all
+    have final <= conf and were dropped afterwards anyway; and as every one of them ranks below
+    every instance with final > conf, the top max_detections of the survivors are unchanged (up
+    to the order of exactly equal scores). Tested against a copy of the old recipe in
+    tests/test_predict_robust.py."""
+    return InferenceConfig(conf, cfg.mask_threshold, cfg.max_detections, conf=conf)
+
 # Bytes of float intermediates `binary_masks` may hold at once at the original size: 64 MiB is
 # ~0.2 s of bilinear work per chunk, small next to the (K, H0, W0) bool result itself.
 MASK_CHUNK_BYTES = 64 << 20
@@ -38,6 +54,16 @@ def query_scores(logits: Tensor, objectness: Tensor) -> tuple[Tensor, Tensor]:
     """(..., N, C), (..., N, 1) -> score (..., N) and label (..., N): sqrt(p_cls * p_obj), max over C."""
     prob = (logits.sigmoid() * objectness.sigmoid()).sqrt()
     return prob.max(dim=-1)
+
+
+def kernel_mask_logits(kernels: Tensor, mask_feats: Tensor, upsample: int = 2) -> Tensor:
+    """One image's mask logits: kernels (K, E) . M (E, h, w) -> (K, upsample*h, upsample*w),
+    bilinear (align_corners=False, SparseInst SCALE_FACTOR 2). K = 0 gives an empty result."""
+    e, h, w = mask_feats.shape
+    if len(kernels) == 0:  # F.interpolate rejects an empty channel dimension
+        return mask_feats.new_zeros((0, upsample * h, upsample * w))
+    m = torch.bmm(kernels[None], mask_feats.reshape(1, e, h * w)).view(1, -1, h, w)  # (1, K, h, w)
+    return F.interpolate(m, scale_factor=float(upsample), mode="bilinear", align_corners=False)[0]
 
 
 def maskness(mask_prob: Tensor, threshold: float) -> Tensor:
@@ -95,3 +121,21 @@ def postprocess_image(logits: Tensor, objectness: Tensor, mask_logits: Tensor,
     scores, labels, mask_prob = scores[order], labels[order], mask_prob[order]
     masks = binary_masks(mask_prob, padded_size, image_size, orig_size, cfg.mask_threshold)
     return {"labels": labels, "scores": scores, "masks": masks}  # masks (K, H0, W0) bool
+
+
+def decode_instances(logits: Tensor, objectness: Tensor, kernels: Tensor, mask_feats: Tensor,
+                     padded_size: tuple[int, int], image_size: tuple[int, int],
+                     orig_size: tuple[int, int], cfg: InferenceConfig = InferenceConfig(),
+                     mask_upsample: int = 2) -> dict[str, Tensor]:
+    """THE decode step, from one image's raw outputs to its instances; evaluation in training,
+    `predict` and `val` on every backend, and the tracker's drawing all go through here.
+
+    logits (N, C), objectness (N, 1), kernels (N, E), mask_feats M (E, h, w) at 1/8 of
+    padded_size: the raw graph's outputs (`MobileInst.inference_outputs`). Only the queries that
+    pass cfg.score_threshold get a mask (kernels[keep] . M), then `postprocess_image`.
+    Returns labels (K,) int64, scores (K,) float, masks (K, H0, W0) bool."""
+    scores, _ = query_scores(logits.float(), objectness.float())  # (N,)
+    keep = scores > cfg.score_threshold
+    masks = kernel_mask_logits(kernels[keep].float(), mask_feats.float(), mask_upsample)  # (K, 2h, 2w)
+    return postprocess_image(logits[keep], objectness[keep], masks, padded_size, image_size,
+                             orig_size, cfg)

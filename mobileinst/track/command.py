@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import argparse
 
+from ..verb_config import add_cfg_option, config_from_args
+
 
 def cmd_track(args: argparse.Namespace) -> None:
     from .run import track_source
-    s = track_source(args.weights, args.source, args.out_dir, reuse=args.reuse, conf=args.conf,
-                     imgsz=args.imgsz, patience=args.patience, video_id=args.video_id,
-                     device=args.device, save_video=args.video, backend=args.backend,
-                     threads=args.threads, features=args.features)
+    cfg = config_from_args(args)  # a TrackConfig: --cfg file, then the given options
+    s = track_source(cfg.weights, cfg.source, cfg.out_dir, reuse=cfg.reuse, conf=cfg.conf,
+                     imgsz=cfg.imgsz, patience=cfg.patience, video_id=cfg.video_id,
+                     device=cfg.device, save_video=cfg.video, backend=cfg.backend,
+                     threads=cfg.threads, features=cfg.features)
     print(f"{s['frames_done']} frames, {s['tracks']} tracks, {s['fps']:.1f} frames/s; "
           f"{'overlay ' + s['video'] + ', ' if s['video'] else ''}results {s['results']}")
 
@@ -38,4 +41,5 @@ def add_parser(sub) -> None:
                    help="onnxruntime with an .onnx --weights and --reuse > 1: the features graph of "
                         "the same model (export_onnx(..., part='features')); a .pt exports both "
                         "graphs once, cached as NAME.cache.onnx and NAME.cache-features.onnx")
+    add_cfg_option(p, "track")
     p.set_defaults(func=cmd_track)

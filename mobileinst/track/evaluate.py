@@ -11,7 +11,10 @@ from tqdm import tqdm
 
 from ..data.coco import read_rgb
 from ..evaluate.ytvis_eval import VisMetrics, evaluate_ytvis
-from .predictor import VideoPredictor
+from ..infer.model_info import ModelInfo
+from ..infer.video import VideoPredictor
+from ..train import dist
+from ..utils import write_json
 from .results import TrackResults
 
 EVAL_CONF = 0.05
@@ -36,17 +39,16 @@ def evaluate_video_model(model: torch.nn.Module, dataset, device: torch.device |
                          reuse: int = 1, conf: float = EVAL_CONF) -> VisMetrics | None:
     """Video mask AP of `model` on the videos of `dataset` (None on workers other than rank 0;
     the short side is `imgsz`, else the dataset's EvalTransform size, else 640)."""
-    from ..train import dist
     if not dist.is_main():
         return None
     imgsz = imgsz or getattr(dataset.transform, "imgsz", None) or 640
     was_training = model.training
-    vp = VideoPredictor(model, dataset.class_names, imgsz=imgsz, reuse=reuse, conf=conf, device=device)
+    info = ModelInfo.for_model(model.cfg, dataset.class_names, dataset.cat_ids, imgsz)
+    vp = VideoPredictor(model, info, reuse=reuse, conf=conf, device=device)
     try:
         records = predict_videos(vp, dataset)
     finally:
         model.train(was_training)
     if results_path:
-        from ..utils import write_json
         write_json(results_path, records)
     return evaluate_ytvis(dataset.json_path, records)

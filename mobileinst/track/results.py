@@ -9,10 +9,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+from torch import Tensor
+
 from ..evaluate.coco_eval import encode_mask
 from ..utils import write_json
-from .predictor import TrackedFrame
 from .tracker import Track
+
+
+@dataclass
+class TrackedFrame:
+    """One frame's tracked instances, K alive tracks in slot order."""
+    index: int
+    key: bool  # the instance decoder ran on this frame
+    track_ids: np.ndarray  # (K,) int
+    labels: np.ndarray  # (K,) contiguous class labels (the track's class so far)
+    scores: np.ndarray  # (K,) the track's score so far
+    masks: np.ndarray  # (K, H, W) bool at the frame's size
+    names: list[str] = field(default_factory=list)
+    tracks: list[Track] = field(default_factory=list)  # the alive Track objects (shared state)
+    slot_mask_logits: Tensor | None = None  # (N, H/4, W/4) every slot's mask logits, slot order
+
+    def __len__(self) -> int:
+        return len(self.track_ids)
 
 
 @dataclass

@@ -22,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils import write_json
+from tqdm import tqdm
+
+from ..utils import IMGSZ_RANGE, check_output_dir, check_range, resolve_device, write_json
 from ..viz import color, draw_instances
-from .predictor import TrackedFrame, VideoPredictor
+from ..infer.video import TrackedFrame, VideoPredictor
 from .results import TrackResults
 from .video_io import Mp4Writer, open_frames
 
@@ -44,9 +46,6 @@ def track_source(weights: str | Path | VideoPredictor, source: str | Path, out_d
     backend "onnxruntime" runs a .pt exported once to cached graphs beside it, or a key-frame .onnx
     plus its `features` graph (`VideoPredictor.from_weights`); threads: the network's CPU threads.
     Returns the summary (also written to summary.json)."""
-    from tqdm import tqdm
-
-    from ..utils import IMGSZ_RANGE, check_output_dir, check_range, resolve_device
     check_range("--conf", conf, 0.0, 1.0)
     check_range("--reuse", reuse, 1, 10000)
     check_range("--patience", patience, 0, 10**6)

@@ -16,7 +16,8 @@ import cv2
 import numpy as np
 
 from ..errors import DataError
-from ..predict import IMAGE_SUFFIXES, list_sources, read_image
+from ..data.coco import read_rgb as read_image
+from ..data.sources import IMAGE_SUFFIXES, list_sources
 
 DEFAULT_FPS = 10.0  # frame folders carry no frame rate
 

@@ -85,7 +85,7 @@ class TrainConfig:
             raise MobileInstError(f"{source}: unknown training option {key!r}"
                                   + (f"; did you mean {close[0]!r}?" if close else
                                      f"; known: {', '.join(sorted(known))}"))
-        cfg = cls(**{k: _typed(source, k, v, cls.__dataclass_fields__[k].type) for k, v in values.items()})
+        cfg = cls(**{k: typed(source, k, v, cls.__dataclass_fields__[k].type) for k, v in values.items()})
         cfg.validate(source)
         return cfg
 
@@ -109,18 +109,24 @@ LIMITS = [("iters", 0, 10**9), ("epochs", 1, 10**6), ("imgsz", 32, 4096), ("batc
           ("workers", 0, 256), ("lr", 0, 1), ("weight_decay", 0, 1), ("backbone_lr_mult", 0, 10),
           ("warmup_iters", 0, 10**9), ("grad_clip", 0, 1e6), ("ema_decay", 0, 1),
           ("eval_interval", 0, 10**9), ("save_interval", 0, 10**9), ("num_queries", 1, 1000)]
-_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,)}
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,),
+          "list": (list,)}
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+               "dict": "a mapping", "list": "a list"}
 
 
-def _typed(source: str, key: str, value: Any, type_name: str) -> Any:
-    """value if it has the field's type (an int where a float is due becomes a float), else a
-    MobileInstError naming the option (YAML `batch: two`, `amp: "yes"`)."""
-    ok = _TYPES[str(type_name)]
+def typed(source: str, key: str, value: Any, type_name: str) -> Any:
+    """value if it has the field's type (an int where a float is due becomes a float; None where
+    the type is `X | None`), else a MobileInstError naming the option (YAML `batch: two`,
+    `amp: "yes"`)."""
+    base, _, optional = str(type_name).partition(" | ")
+    if value is None and optional == "None":
+        return None
+    ok = _TYPES[base]
     if isinstance(value, bool) and bool not in ok or not isinstance(value, ok):
-        names = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-                 "dict": "a mapping"}
-        raise MobileInstError(f"{source}: {key} must be {names[str(type_name)]}, got {value!r}")
-    return float(value) if str(type_name) == "float" else value
+        raise MobileInstError(f"{source}: {key} must be {_TYPE_NAMES[base]}"
+                              f"{' or null' if optional else ''}, got {value!r}")
+    return float(value) if base == "float" else value
 
 
 # What `--resume` may change: how long the run goes on and how it is watched, not what it learns.

@@ -14,6 +14,7 @@ from ..errors import DataError
 from ..evaluate.coco_eval import check_ground_truth
 from .config import TrainConfig
 from .sampler import ResumableSampler
+from .video import build_video_train_loader, build_video_val_set
 
 log = logging.getLogger("mobileinst.train")
 
@@ -47,7 +48,6 @@ class SkipUnreadable(Dataset):
 def build_train_loader(cfg: TrainConfig, rank: int, world: int) -> tuple[DataLoader, SkipUnreadable]:
     data = load_data_config(cfg.data)
     if data.format == "ytvis":  # clips for temporal query passing
-        from .video import build_video_train_loader
         return build_video_train_loader(cfg, data, rank, world, SkipUnreadable)
     if data.format != "coco":
         raise DataError(f"{cfg.data}: format {data.format!r} is not supported by image training")
@@ -73,7 +73,6 @@ def aspect_groups(images: list[dict]) -> list[int]:
 def build_val_set(cfg: TrainConfig) -> CocoInstances:
     data = load_data_config(cfg.data)
     if data.format == "ytvis":  # evaluated as videos (track/evaluate.py)
-        from .video import build_video_val_set
         return build_video_val_set(cfg, data)
     val = CocoInstances(data.val.json, data.val.images, EvalTransform(cfg.imgsz), data.names)
     check_ground_truth(data.val.json)  # what evaluation needs, before the first training step

@@ -31,9 +31,11 @@ from ..data.validate import unreadable_images
 from ..errors import CheckpointError, MobileInstError
 from ..evaluate.evaluator import evaluate_model
 from ..models.pretrained import resolve_backbone_weights
+from ..models.factory import build_model
 from ..models.weights import load_backbone_weights
-from ..registry import build_model, get_config
+from ..registry import get_config
 from ..utils import check_output_dir, keep_freed_memory, resolve_device
+from ..viz import plot_curves
 from . import dist
 from .config import TrainConfig, resumed_config
 from .data import build_train_loader, build_val_set
@@ -42,6 +44,7 @@ from .losses import MobileInstCriterion
 from .matcher import HungarianMatcher
 from .run_dir import RunLock, claim_new_run_dir, clear_run, holds_run, remove_stale_temporaries
 from .schedule import build_scheduler
+from .video import TemporalQueryPassing, VideoCriterion
 
 log = logging.getLogger("mobileinst.train")
 CSV_FIELDS = ["iteration", "epoch", "lr", "loss", "loss_cls", "loss_dice", "loss_mask", "loss_obj",
@@ -140,7 +143,6 @@ class Trainer:
         self.video = getattr(self.train_set, "is_video", False)
         net, self.loss_fn = self.model, self.criterion
         if self.video:  # temporal query passing on clips (train/video.py)
-            from .video import TemporalQueryPassing, VideoCriterion
             net, self.loss_fn = TemporalQueryPassing(self.model), VideoCriterion(self.criterion)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.lr)
         warmup = min(cfg.warmup_iters, self.total // 4)
@@ -373,7 +375,6 @@ class Trainer:
         with open(self.out / "results.csv", "a", newline="") as f:
             csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore").writerow(
                 {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        from ..viz import plot_curves
         plot_curves(self.out / "results.csv", self.out)
 
     def state(self) -> dict[str, Any]:

@@ -8,9 +8,10 @@
 Every backend takes the files of `mobileinst.export.formats.export_format` (raw outputs, fixed
 size, batch 1, float32 RGB 0..255 NCHW in); OpenVINO also runs any ONNX file of `export_onnx`.
 `run` returns {logits (B, N, C), objectness (B, N, 1), kernels (B, N, E), mask_features
-(B, E, H/8, W/8)} like the ONNX graph, which `RuntimePredictor` decodes with
-`mobileinst.export.runtime.decode_raw`. A file made for another runtime, or one that does not
-load, is a CheckpointError naming what it is; a missing package one line naming the pip extra.
+(B, E, H/8, W/8)} like the ONNX graph, which `RuntimePredictor` (the `Predictor` interface of
+predictor.py) decodes with the shared `models.postprocess.decode_instances`. A file made for
+another runtime, or one that does not load, is a CheckpointError naming what it is; a missing
+package one line naming the pip extra.
 CoreML is conversion-only off macOS, so it has no backend here.
 """
 from __future__ import annotations
@@ -24,9 +25,10 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, MobileInstError
-from .formats import metadata_path
-from .onnx import RAW_OUTPUTS
-from .runtime import OnnxPredictor
+from ..export.formats import metadata_path
+from ..export.onnx import RAW_OUTPUTS, read_metadata
+from .model_info import ModelInfo
+from .ort import ExportedPredictor
 
 # backend -> (python module of its runtime, pip extra)
 RUNTIME_PACKAGES = {
@@ -195,7 +197,11 @@ class ExecuTorchBackend(Backend):
 
 class LiteRtBackend(Backend):
     """The LiteRT interpreter (ai-edge-litert, XNNPACK) on a .tflite of litert-torch, through its
-    default signature (input args_0, outputs output_0..3 in the module's output order)."""
+    default signature (input args_0, outputs output_0..3 in the module's output order).
+
+    A full-integer file (int8 / uint8 input or outputs) is fed and read in float: the input is
+    quantized with the input tensor's scale and zero point, integer outputs dequantized with
+    theirs, so `run` takes and returns float32 whatever the file's I/O types."""
 
     name, accepts = "litert", ("litert",)
 
@@ -206,10 +212,33 @@ class LiteRtBackend(Backend):
         self.input_name = sig["inputs"][0]
         self.output_keys = sorted(sig["outputs"], key=lambda k: int(k.rsplit("_", 1)[-1]))
         self.runner = self.interpreter.get_signature_runner(key)
+        self.input_detail = self.runner.get_input_details()[self.input_name]
+        self.output_details = self.runner.get_output_details()
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        out = self.runner(**{self.input_name: np.ascontiguousarray(batch, np.float32)})
-        return {name: out[k] for name, k in zip(RAW_OUTPUTS, self.output_keys)}
+        x = quantize_io(np.ascontiguousarray(batch, np.float32), self.input_detail)
+        out = self.runner(**{self.input_name: x})
+        return {name: dequantize_io(out[k], self.output_details[k])
+                for name, k in zip(RAW_OUTPUTS, self.output_keys)}
+
+
+def quantize_io(x: np.ndarray, detail: dict) -> np.ndarray:
+    """float32 -> the tensor's dtype: unchanged for a float tensor, else round(x / scale) + zero
+    point, clipped to the integer range (LiteRT's per-tensor affine quantization)."""
+    dtype = np.dtype(detail["dtype"])
+    if not np.issubdtype(dtype, np.integer):
+        return x.astype(dtype, copy=False)
+    scale, zero = detail["quantization"]
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(dtype)
+
+
+def dequantize_io(q: np.ndarray, detail: dict) -> np.ndarray:
+    """An output tensor as float32: (q - zero point) * scale for an integer one."""
+    if not np.issubdtype(q.dtype, np.integer):
+        return q.astype(np.float32, copy=False)
+    scale, zero = detail["quantization"]
+    return ((q.astype(np.float32) - zero) * scale).astype(np.float32)
 
 
 BACKENDS: dict[str, type[Backend]] = {"openvino": OpenVinoBackend, "ncnn": NcnnBackend,
@@ -235,7 +264,6 @@ def load_metadata(path: str | Path) -> dict[str, str]:
     (`mobileinst.export.formats.metadata_path`). CheckpointError when there is none."""
     path = Path(path)
     if path.suffix.lower() == ".onnx":
-        from .onnx import read_metadata
         meta = read_metadata(path)
     else:
         side = metadata_path(path)
@@ -248,23 +276,21 @@ def load_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
-class RuntimePredictor(OnnxPredictor):
-    """`OnnxPredictor` (letterbox into the fixed size, decode_raw, Result) on another runtime.
+class RuntimePredictor(ExportedPredictor):
+    """The `Predictor` interface (letterbox into the fixed size, shared decode, Result) on
+    another runtime.
 
     backend: openvino, ncnn, executorch or litert (default: from the file's kind; an ONNX file
     runs in OpenVINO). threads: the runtime's threads. imgsz / max_size (a dynamic ONNX graph
-    only), conf and class_names as OnnxPredictor's.
+    only) and conf as every Predictor's.
     """
 
     def __init__(self, path: str | Path, backend: str | None = None, imgsz: int | None = None,
-                 max_size: int | None = None, conf: float = 0.3, threads: int = 1,
-                 class_names: list[str] | None = None) -> None:
+                 max_size: int | None = None, conf: float = 0.3, threads: int = 1) -> None:
         self.path = Path(path)
         self.backend = open_backend(self.path, backend, threads)
         self.meta = load_metadata(self.path)
-        self.configure(self.meta, imgsz, max_size, conf, class_names)
+        super().__init__(ModelInfo.from_metadata(self.path, self.meta), imgsz, max_size, conf)
 
-    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """One run of the network on a prepared (B, 3, H, W) batch -> {output name: array}."""
-        self.check_input(batch)
+    def execute(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         return self.backend.run(batch)

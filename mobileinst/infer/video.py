@@ -21,14 +21,11 @@ association, track bookkeeping and mask decoding are the same code for both:
     vp = VideoPredictor.from_onnx("best.onnx", "best-features.onnx", reuse=3)
 
 Frames of any size are resized (short side `imgsz`, long side capped) and padded to a multiple of 32
-like image prediction (`predict.preprocess`), or letterboxed into a fixed-size ONNX graph's input;
+like image prediction (`infer.preprocess.prepare`), or letterboxed into a fixed-size ONNX graph's input;
 masks come back at the frame's own size.
 """
 from __future__ import annotations
 
-import json
-import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -37,40 +34,21 @@ import torch
 from torch import Tensor
 
 from ..errors import MobileInstError
-from ..export.runtime import letterbox, mask_logits
-from ..models.postprocess import InferenceConfig, binary_masks, maskness
-from ..predict import preprocess
-from .tracker import Track, Tracker, TrackerConfig
-
-BACKENDS = ("torch", "onnxruntime")
-log = logging.getLogger("mobileinst.track")
-
-
-@dataclass
-class TrackedFrame:
-    """One frame's tracked instances, K alive tracks in slot order."""
-    index: int
-    key: bool  # the instance decoder ran on this frame
-    track_ids: np.ndarray  # (K,) int
-    labels: np.ndarray  # (K,) contiguous class labels (the track's class so far)
-    scores: np.ndarray  # (K,) the track's score so far
-    masks: np.ndarray  # (K, H, W) bool at the frame's size
-    names: list[str] = field(default_factory=list)
-    tracks: list[Track] = field(default_factory=list)  # the alive Track objects (shared state)
-    slot_mask_logits: Tensor | None = None  # (N, H/4, W/4) every slot's mask logits, slot order
-
-    def __len__(self) -> int:
-        return len(self.track_ids)
+from ..export.onnx import ExportGraph, FeaturesGraph
+from ..models.mobileinst import MobileInst
+from ..models.postprocess import binary_masks, kernel_mask_logits, maskness
+from ..track.results import TrackedFrame
+from ..track.tracker import Tracker, TrackerConfig
+from .factory import VIDEO_BACKENDS, cached_onnx, check_backend, cpu_only, load_trained
+from .model_info import ModelInfo
+from .ort import open_session
+from .preprocess import prepare, to_input
 
 
 # -- the network, behind two calls -------------------------------------------------------------
 class VideoNet(Protocol):
     """What `VideoPredictor` needs from a backend. Batches are (1, 3, H, W) float 0..255."""
-    class_names: list[str]
-    cat_ids: list[int]
-    imgsz: int  # default short side
-    input_size: tuple[int, int] | None  # a fixed-size graph's (H, W); None = any multiple of 32
-    mask_upsample: int  # stride-8 mask logits -> stride 4
+    info: ModelInfo  # names, ids, default size, input spec (a fixed-size graph's (H, W))
 
     def key(self, batch: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Whole network -> logits (1, N, C), objectness (1, N, 1), kernels (1, N, E), M (1, E, h, w)."""
@@ -83,17 +61,11 @@ class TorchVideoNet:
     """`VideoNet` over a PyTorch MobileInst: the same modules the ONNX graphs are exported from
     (`export.onnx.ExportGraph`, `FeaturesGraph`), run in PyTorch on `device`."""
 
-    input_size = None
-
-    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu",
-                 imgsz: int = 640) -> None:
-        from ..export.onnx import ExportGraph, FeaturesGraph
+    def __init__(self, model: MobileInst, info: ModelInfo | None = None,
+                 device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
-        self.class_names = list(getattr(model, "class_names", None) or
-                                [str(i) for i in range(model.cfg.num_classes)])
-        self.cat_ids = list(getattr(model, "cat_ids", None) or range(1, len(self.class_names) + 1))
-        self.imgsz, self.mask_upsample = imgsz, int(model.cfg.mask_upsample)
+        self.info = info or ModelInfo.for_model(model.cfg)
         self._key, self._features = ExportGraph(self.model), FeaturesGraph(self.model)
 
     @torch.no_grad()
@@ -111,26 +83,20 @@ class OnnxVideoNet:
 
     def __init__(self, key_path: str | Path, features_path: str | Path | None = None,
                  threads: int = 1) -> None:
-        from ..export.runtime import open_session
         self.key_path = Path(key_path)
         self.key_session, self.meta = open_session(key_path, threads)
-        _check_kind(self.key_path, self.meta, "raw")
+        self.info = ModelInfo.from_metadata(self.key_path, self.meta)
+        _check_kind(self.key_path, self.info.graph, "raw")
         self.features_path = Path(features_path) if features_path else None
         self.features_session = None
         if self.features_path is not None:
             self.features_session, fmeta = open_session(features_path, threads)
-            _check_kind(self.features_path, fmeta, "features")
+            _check_kind(self.features_path, ModelInfo.from_metadata(self.features_path, fmeta).graph,
+                        "features")
             _check_pair(self.key_path, self.meta, self.features_path, fmeta)
-        meta = self.meta
-        if meta.get("batch", "dynamic") not in ("dynamic", "1"):
-            raise MobileInstError(f"{self.key_path}: a graph for batches of {meta['batch']}; "
+        if self.info.input.batch not in (None, 1):
+            raise MobileInstError(f"{self.key_path}: a graph for batches of {self.info.input.batch}; "
                                   "tracking runs one frame at a time (export with batch 1 or --dynamic)")
-        self.input_dtype = np.dtype(meta.get("input_dtype", "uint8"))
-        self.input_size = tuple(json.loads(meta.get("input_size", "null")) or ()) or None
-        self.class_names = json.loads(meta.get("class_names", "[]"))
-        self.cat_ids = json.loads(meta.get("cat_ids", "[]")) or list(range(1, len(self.class_names) + 1))
-        self.imgsz = min(self.input_size) if self.input_size else int(meta.get("imgsz", 640))
-        self.mask_upsample = int(json.loads(meta.get("model_config", "{}")).get("mask_upsample", 2))
         self.key_outputs = [o.name for o in self.key_session.get_outputs()]
 
     def key(self, batch: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -144,18 +110,11 @@ class OnnxVideoNet:
         return torch.from_numpy(self.features_session.run(None, self._feed(self.features_session, batch))[0])
 
     def _feed(self, session, batch: Tensor) -> dict[str, np.ndarray]:
-        """(1, 3, H, W) float 0..255 -> the graph's input (a uint8 graph: rounded, the pad too)."""
-        if self.input_dtype == np.uint8:
-            x = batch.round().clamp(0, 255).to(torch.uint8).numpy()
-        else:
-            x = batch.numpy().astype(self.input_dtype)
-        return {session.get_inputs()[0].name: x}
+        return {session.get_inputs()[0].name: to_input(batch, self.info.input.dtype)}
 
 
-def _check_kind(path: Path, meta: dict[str, str], want: str) -> None:
+def _check_kind(path: Path, kind: str, want: str) -> None:
     """MobileInstError unless the graph is the `want` kind ("raw" key-frame or "features")."""
-    from ..export.onnx import graph_kind
-    kind = graph_kind(meta)
     if kind == want:
         return
     if want == "raw" and kind == "features":
@@ -179,32 +138,38 @@ def _check_pair(key_path: Path, key: dict[str, str], feat_path: Path, feat: dict
 # -- the predictor -------------------------------------------------------------------------------
 class VideoPredictor:
     """A network (PyTorch model or `VideoNet`) plus the streaming state of one video (call
-    `reset` between videos)."""
+    `reset` between videos). imgsz / max_size as image prediction's (default: the model's)."""
 
-    def __init__(self, model: torch.nn.Module | VideoNet, class_names: list[str] | None = None,
+    def __init__(self, model: MobileInst | VideoNet, info: ModelInfo | None = None,
                  imgsz: int | None = None, max_size: int | None = None, reuse: int = 1,
                  conf: float = 0.3, keep_conf: float | None = None, patience: int = 10,
                  device: str | torch.device = "cpu") -> None:
         if int(reuse) != reuse or reuse < 1:
             raise MobileInstError(f"the reuse interval must be an integer >= 1, got {reuse}")
-        self.net = TorchVideoNet(model, device) if isinstance(model, torch.nn.Module) else model
+        self.net = TorchVideoNet(model, info, device) if isinstance(model, torch.nn.Module) else model
+        self.info = self.net.info
         self.model = getattr(self.net, "model", None)  # the PyTorch model (None for onnxruntime)
         self.device = getattr(self.net, "device", torch.device("cpu"))
-        self.class_names = list(class_names or self.net.class_names)
-        self.cat_ids = list(self.net.cat_ids)
-        self.imgsz = imgsz or self.net.imgsz
+        spec = self.info.input
+        self.imgsz = min(spec.size) if spec.size else int(imgsz or self.info.imgsz)
         self.max_size = max_size or round(self.imgsz * 853 / 640)  # as image prediction
         self.reuse = reuse
-        self.mask_threshold = InferenceConfig().mask_threshold
+        self.mask_threshold = self.info.inference.mask_threshold
         self.tracker = Tracker(TrackerConfig(conf, keep_conf, patience))
         self.reset()
 
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.info.class_names)
+
+    @property
+    def cat_ids(self) -> list[int]:
+        return list(self.info.cat_ids)
+
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", **kwargs) -> "VideoPredictor":
-        from ..checkpoint import model_from_checkpoint
-        model, ckpt = model_from_checkpoint(path)
-        kwargs.setdefault("imgsz", (ckpt.get("train_config") or {}).get("imgsz", 640))
-        return cls(model, model.class_names, device=device, **kwargs)
+        model, info = load_trained(path)
+        return cls(model, info, device=device, **kwargs)
 
     @classmethod
     def from_onnx(cls, key_path: str | Path, features_path: str | Path | None = None,
@@ -221,26 +186,20 @@ class VideoPredictor:
                      threads: int | None = None, features: str | Path | None = None,
                      **kwargs) -> "VideoPredictor":
         """A .pt checkpoint (torch, or onnxruntime: exported once to NAME.cache.onnx and, for
-        reuse > 1, NAME.cache-features.onnx beside it) or a key-frame .onnx plus `features`."""
-        weights = Path(weights)
-        if backend not in BACKENDS:
-            raise MobileInstError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-        is_onnx = weights.suffix.lower() == ".onnx"
+        reuse > 1, NAME.cache-features.onnx beside it) or a key-frame .onnx plus `features`.
+        The backend checks are image prediction's (`factory.check_backend`)."""
+        is_onnx = check_backend(weights, backend, VIDEO_BACKENDS)
         if backend == "torch":
-            if is_onnx:
-                raise MobileInstError(f"{weights}: an ONNX file needs --backend onnxruntime")
             if features is not None:
                 raise MobileInstError("--features (an ONNX features graph) needs --backend onnxruntime")
             if threads:
                 torch.set_num_threads(threads)
             return cls.from_checkpoint(weights, device=device, **kwargs)
-        if torch.device(device).type != "cpu":
-            log.warning("the onnxruntime backend runs on the CPU (ignoring --device %s)", device)
+        cpu_only(backend, device)
         if is_onnx:
             return cls.from_onnx(weights, features, threads or 1, **kwargs)
         if features is not None:
             raise MobileInstError("--features is for an .onnx key-frame graph; a .pt exports both graphs")
-        from ..export.command import cached_onnx
         key = cached_onnx(weights)
         feats = cached_onnx(weights, part="features") if kwargs.get("reuse", 1) > 1 else None
         return cls.from_onnx(key, feats, threads or 1, **kwargs)
@@ -256,17 +215,14 @@ class VideoPredictor:
     @torch.no_grad()
     def step(self, image: np.ndarray) -> TrackedFrame:
         """One RGB uint8 frame (H, W, 3) -> its tracked instances."""
-        if self.net.input_size:
-            batch, sizes = letterbox([image], tuple(self.net.input_size))  # (1, 3, H, W)
-        else:
-            batch, sizes = preprocess([image], self.imgsz, self.max_size)  # (1, 3, Hp, Wp)
+        batch, sizes = prepare([image], self.info.input, self.imgsz, self.max_size)  # (1, 3, Hp, Wp)
         key = self.kernels is None or self.frame - self.last_key >= self.reuse
         if key:
             logits, obj, kernels, mask_feats = self.net.key(batch)
             self._key_frame(logits[0], obj[0], kernels[0])
         else:
             mask_feats = self.net.features(batch)  # (1, E, H/8, W/8)
-        logits = mask_logits(self.kernels, mask_feats[0], self.net.mask_upsample)  # (N, H/4, W/4)
+        logits = kernel_mask_logits(self.kernels, mask_feats[0], self.info.mask_upsample)  # (N, H/4, W/4)
         prob = logits.float().sigmoid()
         if key:
             self.tracker.update(self.frame, self.class_probs.cpu().numpy(),
@@ -294,4 +250,4 @@ class VideoPredictor:
         labels = np.array([t.label for t in tracks], np.int64)
         return TrackedFrame(self.frame, key, np.array([t.id for t in tracks], np.int64), labels,
                             np.array([t.score for t in tracks], np.float32), masks,
-                            [self.class_names[i] for i in labels], tracks)
+                            self.info.names(labels), tracks)

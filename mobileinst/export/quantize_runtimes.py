@@ -1,0 +1,212 @@
+"""Post-training static int8 in each mobile runtime's own tool, calibrated on real images.
+
+    path = quantize_format("openvino", model, "m-int8.xml", (256, 256), "data.yaml", n=64)
+
+Every format quantizes the same raw-output module as its float export (`formats.graph_and_input`:
+Conv-BN fused, float32 RGB 0..255 NCHW in, the four raw outputs out, fixed size, batch 1), so
+post-processing (scores, mask upsampling, thresholds) is not in the file and stays float in
+`decode_instances`. Calibration: up to `n` images of a DATA yaml's TRAIN split (or a folder / glob /
+list of arrays; `quantize.calibration_images`), each prepared exactly as the predictor prepares
+it for inference (`mobileinst.infer.preprocess.input_arrays` on the export's own metadata:
+letterbox into the fixed size, pad with the mean pixel, float32).
+
+- openvino: NNCF `nncf.quantize` on the converted IR (the MIXED preset: symmetric per-channel
+  int8 weights, asymmetric int8 activations, MinMax ranges, fast bias correction), saved as IR
+  with float32 for whatever stays float. The CPU plugin runs FakeQuantize-d convolutions and
+  matmuls in int8.
+- executorch: PT2E (`torchao.quantization.pt2e` prepare / calibrate / convert) with ExecuTorch's
+  `XNNPACKQuantizer` (symmetric int8: per-channel weights, per-tensor activations from a
+  histogram observer), then lowered to XNNPACK as the float export is. The .pte still takes and
+  returns float32; what XNNPACK cannot run quantized stays float.
+- litert: PT2E with litert-torch's `PT2EQuantizer` (the same symmetric int8 scheme), converted with
+  `QuantConfig(pt2e_quantizer=...)` (the converter's STATIC QDQ mode): int8 kernels inside, float32
+  input and outputs (`mobileinst.infer.runtimes.LiteRtBackend` also (de)quantizes integer I/O should a file have it).
+
+NCNN has none here: its int8 needs ncnn's C++ tools `ncnn2table` (calibration) and `ncnn2int8`
+(rewrites the .param/.bin), which neither the `ncnn` wheel (1.0.20261020: the runtime, plus the
+per-Mat helpers `quantize_to_int8` / `cast_int8_to_float32`) nor `pnnx` (20261020: the converter
+binary, whose only precision switch is fp16) ships. CoreML's int8 (coremltools' linear
+quantization) would give files that only macOS can run, which this package cannot check.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import MobileInstError
+from ..infer.model_info import ModelInfo
+from ..infer.preprocess import input_arrays
+from .formats import INT8_FORMATS, NO_INT8, graph_and_input, meta_dict, metadata_path, openvino_ir, require
+from .onnx import export_onnx
+from .quantize import calibration_images, quantize_int8
+
+log = logging.getLogger("mobileinst.export")
+
+# format -> what its int8 file holds (written into the file's metadata as "int8")
+SCHEMES = {
+    "openvino": "NNCF post-training quantization (nncf.quantize, MIXED preset: symmetric "
+                "per-channel int8 weights, asymmetric int8 activations, MinMax, fast bias correction)",
+    "executorch": "PT2E static quantization with ExecuTorch's XNNPACKQuantizer (symmetric int8, "
+                  "per-channel weights, per-tensor activations, histogram observer), lowered to XNNPACK",
+    "litert": "PT2E static quantization with litert-torch's PT2EQuantizer (symmetric int8, "
+              "per-channel weights, per-tensor activations, histogram observer), STATIC QDQ "
+              "conversion; float32 input and outputs",
+}
+# format -> the python modules its int8 path needs, and the pip extra that has them
+INT8_REQUIREMENTS = {
+    "openvino": (("openvino", "nncf"), "openvino"),
+    "executorch": (("executorch", "torchao"), "executorch"),
+    "litert": (("litert_torch", "torchao"), "litert"),
+}
+
+
+def prepare_batches(images: list[np.ndarray], meta: dict[str, str]) -> list[np.ndarray]:
+    """Each RGB uint8 image -> the (1, 3, H, W) batch prediction feeds the network of an export
+    with metadata `meta` (`mobileinst.infer.preprocess.input_arrays`: the predictor's own
+    preparation, letterboxed into the fixed size, float32)."""
+    info = ModelInfo.from_metadata("calibration", meta)
+    return input_arrays(images, info.input, info.imgsz)
+
+
+def float_only(quantizer):
+    """`quantizer` with its annotations dropped from ops on integer tensors: the quantizers
+    annotate every `add` (say), also the index arithmetic of the position encodings and pooling
+    masks, whose int64 values their histogram observers cannot take."""
+    annotate = quantizer.annotate
+
+    def annotate_floats(model):
+        model = annotate(model)
+        for node in model.graph.nodes:
+            ann = node.meta.get("quantization_annotation")
+            if ann is None:
+                continue
+            vals = [n.meta.get("val") for n in ann.input_qspec_map] + [node.meta.get("val")]
+            if any(isinstance(v, torch.Tensor) and not v.is_floating_point() for v in vals):
+                del node.meta["quantization_annotation"]
+        return model
+    quantizer.annotate = annotate_floats
+    return quantizer
+
+
+def _pt2e(graph: nn.Module, x: torch.Tensor, batches: list[np.ndarray], quantizer,
+          fold_quantize: bool = True) -> nn.Module:
+    """torch.export -> prepare_pt2e(quantizer) -> run every calibration batch -> convert_pt2e."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    prepared = prepare_pt2e(torch.export.export(graph, (x,)).module(), float_only(quantizer))
+    with torch.no_grad():
+        for b in batches:
+            prepared(torch.from_numpy(b))
+    return convert_pt2e(prepared, fold_quantize=fold_quantize)
+
+
+def quantize_openvino(graph: nn.Module, x: torch.Tensor, out: Path, batches: list[np.ndarray]) -> Path:
+    import nncf
+    import openvino as ov
+
+    ir = openvino_ir(graph, x)
+    q = nncf.quantize(ir, nncf.Dataset(batches), preset=nncf.QuantizationPreset.MIXED,
+                      subset_size=len(batches))
+    xml = out.with_suffix(".xml")
+    ov.save_model(q, str(xml), compress_to_fp16=False)
+    return xml
+
+
+def quantize_executorch(graph: nn.Module, x: torch.Tensor, out: Path, batches: list[np.ndarray]) -> Path:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer, get_symmetric_quantization_config)
+    from executorch.exir import to_edge_transform_and_lower
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    q = _pt2e(graph, x, batches, quantizer)
+    program = to_edge_transform_and_lower(torch.export.export(q, (x,)),
+                                          partitioner=[XnnpackPartitioner()]).to_executorch()
+    out.write_bytes(program.buffer)
+    return out
+
+
+def quantize_litert(graph: nn.Module, x: torch.Tensor, out: Path, batches: list[np.ndarray]) -> Path:
+    import litert_torch
+    from litert_torch.quantize import pt2e_quantizer, quant_config
+    quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
+        pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True))
+    q = _pt2e(graph, x, batches, quantizer, fold_quantize=False)  # litert-torch's own recipe
+    litert_torch.convert(q, (x,), quant_config=quant_config.QuantConfig(pt2e_quantizer=quantizer)
+                         ).export(str(out))
+    return out
+
+
+QUANTIZERS = {"openvino": quantize_openvino, "executorch": quantize_executorch,
+              "litert": quantize_litert}
+
+
+def quantize_format(fmt: str, model: nn.Module, out: str | Path, hw: tuple[int, int],
+                    calibration: str | Path | Iterable[np.ndarray], n: int = 64,
+                    class_names: list[str] | None = None, metadata: dict | None = None,
+                    cat_ids: list[int] | None = None) -> Path:
+    """Write the int8 file of `fmt` (openvino, executorch, litert) at `out` and its sidecar
+    metadata: the float export's, plus "int8" (the scheme and the calibration)."""
+    if fmt not in QUANTIZERS:
+        raise MobileInstError(f"no int8 for --format {fmt} (int8 formats: onnx, {', '.join(QUANTIZERS)})")
+    modules, extra = INT8_REQUIREMENTS[fmt]
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            raise MobileInstError(f"--format {fmt} --int8 needs the `{module}` package: "
+                                  f"pip install 'mobileinst[{extra}]'")
+    images = calibration_images(calibration, n)
+    graph, x = graph_and_input(model, hw)
+    meta = meta_dict(model, graph, hw, fmt, class_names, metadata, cat_ids)
+    batches = prepare_batches(images, meta)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    source = calibration if isinstance(calibration, (str, Path)) else "the given arrays"
+    try:
+        path = QUANTIZERS[fmt](graph, x, out, batches)
+    except MobileInstError:
+        raise
+    except Exception as e:  # noqa: BLE001 - each tool fails in its own way; name the step
+        raise MobileInstError(f"{fmt} int8 quantization of {getattr(model.cfg, 'name', 'the model')} "
+                              f"failed: {type(e).__name__}: {str(e).strip()[:500]}") from e
+    meta["int8"] = f"{SCHEMES[fmt]}; calibrated on {len(images)} images of {source}"
+    metadata_path(path).write_text(json.dumps(meta, indent=1))
+    return path
+
+
+def int8_path(path: str | Path) -> Path:
+    """Where the int8 copy of an export goes: m.xml -> m-int8.xml, m.pte -> m-int8.pte,
+    m.tflite -> m-int8.tflite, m.onnx -> m-int8.onnx."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-int8{path.suffix}")
+
+
+def export_int8(fmt: str, model: nn.Module, out: str | Path, hw: tuple[int, int],
+                calib, n: int = 64, class_names: list[str] | None = None,
+                metadata: dict | None = None, cat_ids: list[int] | None = None) -> Path:
+    """Write a static int8 file of `fmt` (one of INT8_FORMATS) at `out` and return its path
+    (openvino: OUT with the suffix .xml), calibrated on up to `n` images of `calib` (a DATA yaml:
+    its TRAIN images; or a folder, glob or list of RGB uint8 arrays), prepared as the predictor
+    prepares them. Fixed (H, W), batch 1, raw outputs, like `export_format`; the metadata (the
+    onnx file's own, the sidecar json of the others) is the float export's plus "int8".
+    The file loads in `RuntimePredictor` (onnx: `OnnxPredictor`)."""
+    if fmt not in INT8_FORMATS:
+        why = NO_INT8.get(fmt, "unknown format")
+        raise MobileInstError(f"no int8 for --format {fmt}: {why} (int8 formats: {', '.join(INT8_FORMATS)})")
+    if hw[0] % 32 or hw[1] % 32:
+        raise MobileInstError(f"--imgsz {hw[0]} {hw[1]}: both sides must be multiples of 32")
+    out = Path(out)
+    if fmt == "onnx":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = export_onnx(model, Path(tmp) / "fp32.onnx", imgsz=hw, class_names=class_names,
+                               cat_ids=cat_ids, metadata=metadata)
+            return quantize_int8(fp32, out, calib, n=n)
+    require(fmt)
+    return quantize_format(fmt, model, out, hw, calib, n=n, class_names=class_names, metadata=metadata,
+                           cat_ids=cat_ids)

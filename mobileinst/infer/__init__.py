@@ -1,0 +1,31 @@
+"""The inference layer: the one place where a trained model is run.
+
+    from mobileinst.infer import load_predictor, VideoPredictor
+    predictor = load_predictor("best.pt", backend="onnxruntime", threads=1)   # any backend
+    result = predictor(rgb)                     # Result: labels, scores, names, masks (K, H, W)
+    vp = VideoPredictor.from_weights("best.pt", backend="onnxruntime", reuse=3)
+
+- model_info.py: `ModelInfo`, what a trained model is (names, category ids, training size, input,
+  thresholds), read from a checkpoint or an export's metadata, format version checked;
+- preprocess.py: images -> the network's input (resize + pad, or letterbox), for every backend;
+- predictor.py: `Predictor` (prepare -> forward -> postprocess) and the PyTorch backend; the
+  decode is `models.postprocess.decode_instances`, shared with training-time evaluation;
+- ort.py: the onnxruntime backend, and the base of the exported-file backends;
+- runtimes.py: OpenVINO, NCNN, ExecuTorch and LiteRT files in their own packages;
+- factory.py: which backend runs which file (`load_predictor`, cached ONNX exports);
+- video.py: streaming video (kernel reuse + association) over the same backends;
+- results.py: `Result` and its COCO records.
+
+Layering: models < checkpoint < data < export graphs < infer < evaluate / track jobs < predict,
+benchmark, CLI. Nothing below imports this package except the int8 calibration
+(`export/quantize.py`, which feeds exactly what prediction feeds: `preprocess.input_arrays`).
+"""
+from .factory import BACKENDS, load_predictor, load_trained
+from .model_info import InputSpec, ModelInfo
+from .ort import OnnxPredictor
+from .predictor import Predictor, TorchPredictor
+from .results import Result
+from .video import TrackedFrame, VideoPredictor
+
+__all__ = ["BACKENDS", "InputSpec", "ModelInfo", "OnnxPredictor", "Predictor", "Result",
+           "TorchPredictor", "TrackedFrame", "VideoPredictor", "load_predictor", "load_trained"]

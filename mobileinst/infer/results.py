@@ -1,0 +1,74 @@
+"""What prediction returns: the instances of one image, and their COCO records."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from ..evaluate.coco_eval import encode_mask
+from ..models.postprocess import MASK_CHUNK_BYTES
+from .model_info import ModelInfo
+
+
+@dataclass
+class Result:
+    """Instances of one image: labels (K,), scores (K,), masks (K, H, W) bool, sorted by score."""
+    labels: np.ndarray
+    scores: np.ndarray
+    masks: np.ndarray
+    names: list[str] = field(default_factory=list)  # class name per instance
+    path: str = ""
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def result_records(result: Result, image_id: int, file_name: str, cat_ids: list[int]) -> list[dict]:
+    """COCO-style records of one image (original category ids, RLE masks, boxes from the masks)."""
+    records = []
+    for label, name, score, mask in zip(result.labels, result.names, result.scores, result.masks):
+        rle = encode_mask(mask)
+        records.append({"image_id": image_id, "file_name": file_name,
+                        "category_id": int(cat_ids[int(label)]), "category_name": name,
+                        "score": round(float(score), 5), "segmentation": rle,
+                        "bbox": [round(float(v), 2) for v in mask_utils.toBbox(rle)],
+                        "area": int(mask.sum())})
+    return records
+
+
+def postprocessed_result(out: dict[str, np.ndarray], i: int, size: tuple[int, int],
+                         orig: tuple[int, int], conf: float, info: ModelInfo) -> Result:
+    """Image i of a post-processed graph's outputs (labels, scores, masks at the input size) ->
+    its Result: the slots scoring above conf, masks cropped and resized to the original size.
+
+    K (the slots) is whatever the graph returned: max_det (graphs exported before `conf`
+    existed), or data-dependent (export `--conf`: the instances scoring above it, 0 when none;
+    in a batch the most any image keeps, the other images' extra slots score 0, empty masks);
+    a conf below the graph's export conf cannot show more (`Predictor` warns once)."""
+    keep = out["scores"][i] > conf
+    labels, scores = out["labels"][i][keep], out["scores"][i][keep]
+    masks = resize_masks(out["masks"][i][keep], size, orig)
+    return Result(labels, scores, masks, info.names(labels))
+
+
+def resize_masks(masks: np.ndarray, size: tuple[int, int], orig: tuple[int, int],
+                 chunk_bytes: int = MASK_CHUNK_BYTES) -> np.ndarray:
+    """(K, Hp, Wp) 0/1 masks at the padded input -> (K, H0, W0) bool: crop the image's (h, w),
+    resize bilinearly to the original size (i.e. threshold the interpolation at 0.5).
+
+    A few instances at a time (~chunk_bytes of uint8 intermediates at the original size, at
+    least one instance); each channel is resized on its own, so chunking changes nothing.
+    K may be 0 (a `conf` graph that kept nothing): (0, H0, W0)."""
+    h, w = size
+    masks = masks[:, :h, :w]  # (K, h, w)
+    if (h, w) == tuple(orig):
+        return masks.astype(bool)
+    out = np.empty((len(masks), *orig), bool)  # (K, H0, W0)
+    step = int(min(512, max(1, chunk_bytes // (2 * orig[0] * orig[1]))))  # cv2: <= 512 channels
+    for s in range(0, len(masks), step):
+        chunk = np.ascontiguousarray(masks[s:s + step].transpose(1, 2, 0)).astype(np.uint8)  # (h,w,k)
+        r = cv2.resize(chunk, (orig[1], orig[0]), interpolation=cv2.INTER_LINEAR)  # (H0, W0[, k])
+        out[s:s + step] = r.reshape(orig[0], orig[1], -1).transpose(2, 0, 1) > 0
+    return out
