@@ -203,12 +203,14 @@ def export_format(fmt: str, model: nn.Module, out: str | Path, hw: tuple[int, in
 INT8_FORMATS: dict[str, str] = {
     "onnx": "onnxruntime static QDQ (mobileinst.export.quantize)",
     "openvino": "NNCF post-training quantization",
-    "executorch": "PT2E + XNNPACKQuantizer, lowered to XNNPACK",
-    "litert": "PT2E + litert-torch PT2EQuantizer (STATIC QDQ conversion)",
 }
 # format -> why it has no int8 here
 NO_INT8: dict[str, str] = {
     "ncnn": "ncnn int8 needs ncnn's C++ tools ncnn2table and ncnn2int8, which neither the ncnn "
             "wheel (runtime and per-Mat quantize_to_int8 only) nor pnnx (fp16 switch only) ships",
     "coreml": "CoreML files run only on macOS here; an int8 one could not be checked",
+    "executorch": "PT2E + XNNPACKQuantizer lowering fails for this network with executorch 1.5.1 "
+                  "(missing out variant quantized_decomposed::dequantize_per_channel)",
+    "litert": "PT2E calibration fails for this network with litert-torch 0.10.0 "
+              "(histogram observer on an integer tensor: 'histogram_cpu' not implemented for 'Long')",
 }

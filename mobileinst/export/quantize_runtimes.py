@@ -14,13 +14,11 @@ letterbox into the fixed size, pad with the mean pixel, float32).
   int8 weights, asymmetric int8 activations, MinMax ranges, fast bias correction), saved as IR
   with float32 for whatever stays float. The CPU plugin runs FakeQuantize-d convolutions and
   matmuls in int8.
-- executorch: PT2E (`torchao.quantization.pt2e` prepare / calibrate / convert) with ExecuTorch's
-  `XNNPACKQuantizer` (symmetric int8: per-channel weights, per-tensor activations from a
-  histogram observer), then lowered to XNNPACK as the float export is. The .pte still takes and
-  returns float32; what XNNPACK cannot run quantized stays float.
-- litert: PT2E with litert-torch's `PT2EQuantizer` (the same symmetric int8 scheme), converted with
-  `QuantConfig(pt2e_quantizer=...)` (the converter's STATIC QDQ mode): int8 kernels inside, float32
-  input and outputs (`mobileinst.infer.runtimes.LiteRtBackend` also (de)quantizes integer I/O should a file have it).
+ExecuTorch and LiteRT have none yet: PT2E static quantization (ExecuTorch's XNNPACKQuantizer;
+litert-torch's PT2EQuantizer) of this network failed on 2026-12-02 (executorch 1.5.1: "Missing out
+variants: quantized_decomposed::dequantize_per_channel" when lowering; litert-torch 0.10.0:
+"histogram_cpu not implemented for 'Long'" in calibration), so they are refused with that reason
+(`formats.NO_INT8`).
 
 NCNN has none here: its int8 needs ncnn's C++ tools `ncnn2table` (calibration) and `ncnn2int8`
 (rewrites the .param/.bin), which neither the `ncnn` wheel (1.0.20261020: the runtime, plus the
@@ -54,17 +52,10 @@ log = logging.getLogger("mobileinst.export")
 SCHEMES = {
     "openvino": "NNCF post-training quantization (nncf.quantize, MIXED preset: symmetric "
                 "per-channel int8 weights, asymmetric int8 activations, MinMax, fast bias correction)",
-    "executorch": "PT2E static quantization with ExecuTorch's XNNPACKQuantizer (symmetric int8, "
-                  "per-channel weights, per-tensor activations, histogram observer), lowered to XNNPACK",
-    "litert": "PT2E static quantization with litert-torch's PT2EQuantizer (symmetric int8, "
-              "per-channel weights, per-tensor activations, histogram observer), STATIC QDQ "
-              "conversion; float32 input and outputs",
 }
 # format -> the python modules its int8 path needs, and the pip extra that has them
 INT8_REQUIREMENTS = {
     "openvino": (("openvino", "nncf"), "openvino"),
-    "executorch": (("executorch", "torchao"), "executorch"),
-    "litert": (("litert_torch", "torchao"), "litert"),
 }
 
 
@@ -74,37 +65,6 @@ def prepare_batches(images: list[np.ndarray], meta: dict[str, str]) -> list[np.n
     preparation, letterboxed into the fixed size, float32)."""
     info = ModelInfo.from_metadata("calibration", meta)
     return input_arrays(images, info.input, info.imgsz)
-
-
-def float_only(quantizer):
-    """`quantizer` with its annotations dropped from ops on integer tensors: the quantizers
-    annotate every `add` (say), also the index arithmetic of the position encodings and pooling
-    masks, whose int64 values their histogram observers cannot take."""
-    annotate = quantizer.annotate
-
-    def annotate_floats(model):
-        model = annotate(model)
-        for node in model.graph.nodes:
-            ann = node.meta.get("quantization_annotation")
-            if ann is None:
-                continue
-            vals = [n.meta.get("val") for n in ann.input_qspec_map] + [node.meta.get("val")]
-            if any(isinstance(v, torch.Tensor) and not v.is_floating_point() for v in vals):
-                del node.meta["quantization_annotation"]
-        return model
-    quantizer.annotate = annotate_floats
-    return quantizer
-
-
-def _pt2e(graph: nn.Module, x: torch.Tensor, batches: list[np.ndarray], quantizer,
-          fold_quantize: bool = True) -> nn.Module:
-    """torch.export -> prepare_pt2e(quantizer) -> run every calibration batch -> convert_pt2e."""
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    prepared = prepare_pt2e(torch.export.export(graph, (x,)).module(), float_only(quantizer))
-    with torch.no_grad():
-        for b in batches:
-            prepared(torch.from_numpy(b))
-    return convert_pt2e(prepared, fold_quantize=fold_quantize)
 
 
 def quantize_openvino(graph: nn.Module, x: torch.Tensor, out: Path, batches: list[np.ndarray]) -> Path:
@@ -119,39 +79,14 @@ def quantize_openvino(graph: nn.Module, x: torch.Tensor, out: Path, batches: lis
     return xml
 
 
-def quantize_executorch(graph: nn.Module, x: torch.Tensor, out: Path, batches: list[np.ndarray]) -> Path:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer, get_symmetric_quantization_config)
-    from executorch.exir import to_edge_transform_and_lower
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    q = _pt2e(graph, x, batches, quantizer)
-    program = to_edge_transform_and_lower(torch.export.export(q, (x,)),
-                                          partitioner=[XnnpackPartitioner()]).to_executorch()
-    out.write_bytes(program.buffer)
-    return out
-
-
-def quantize_litert(graph: nn.Module, x: torch.Tensor, out: Path, batches: list[np.ndarray]) -> Path:
-    import litert_torch
-    from litert_torch.quantize import pt2e_quantizer, quant_config
-    quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
-        pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True))
-    q = _pt2e(graph, x, batches, quantizer, fold_quantize=False)  # litert-torch's own recipe
-    litert_torch.convert(q, (x,), quant_config=quant_config.QuantConfig(pt2e_quantizer=quantizer)
-                         ).export(str(out))
-    return out
-
-
-QUANTIZERS = {"openvino": quantize_openvino, "executorch": quantize_executorch,
-              "litert": quantize_litert}
+QUANTIZERS = {"openvino": quantize_openvino}
 
 
 def quantize_format(fmt: str, model: nn.Module, out: str | Path, hw: tuple[int, int],
                     calibration: str | Path | Iterable[np.ndarray], n: int = 64,
                     class_names: list[str] | None = None, metadata: dict | None = None,
                     cat_ids: list[int] | None = None) -> Path:
-    """Write the int8 file of `fmt` (openvino, executorch, litert) at `out` and its sidecar
+    """Write the int8 file of `fmt` (openvino) at `out` and its sidecar
     metadata: the float export's, plus "int8" (the scheme and the calibration)."""
     if fmt not in QUANTIZERS:
         raise MobileInstError(f"no int8 for --format {fmt} (int8 formats: onnx, {', '.join(QUANTIZERS)})")
