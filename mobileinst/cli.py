@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .benchmark import add_parser as add_benchmark_parser
 from .errors import MobileInstError
 from .export.command import add_backend_option
 from .export.command import add_parser as add_export_parser
@@ -245,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_track_parser(sub)
     add_export_parser(sub)
+    add_benchmark_parser(sub)
 
     p = sub.add_parser("demo", help="offline demo: synthetic data -> train -> val -> predict")
     p.add_argument("--out", default="runs/demo", help="folder for the demo's data and runs (default runs/demo)")

@@ -1,14 +1,14 @@
 """Inference post-processing: raw network outputs -> instances (labels, scores, binary masks).
 
-SparseInst's recipe (/shared/spec/training.md §3), shared by PyTorch prediction and the export
+SparseInst's recipe (spec training.md §3), shared by PyTorch prediction and the export
 graph: score = sqrt(sigmoid(cls) * sigmoid(obj)), one label per query (max over classes), keep
 score > 0.005, maskness rescoring at 1/4 resolution, upsample the kept masks to the padded input,
 crop the image, resize to the original size, binarise > 0.45. No NMS: at most N instances.
 
 Prediction (`predict --conf`) sets `InferenceConfig.conf`: the queries are then filtered on their
 pre-score before any mask is computed and on their final score before any mask is upsampled (see
-`postprocess_image`), and the full-resolution masks are made a few instances at a time
-(`binary_masks`), so memory grows with the instances kept, not with the queries or the photo.
+`postprocess_image`), and each full-resolution mask is computed only inside its instance's box
+(`binary_masks`), so work and memory grow with the instances kept, not with the queries or the photo.
 """
 from __future__ import annotations
 
@@ -45,9 +45,6 @@ def conf_config(cfg: InferenceConfig, conf: float) -> InferenceConfig:
     tests/test_predict_robust.py."""
     return InferenceConfig(conf, cfg.mask_threshold, cfg.max_detections, conf=conf)
 
-# Bytes of float intermediates `binary_masks` may hold at once at the original size: 64 MiB is
-# ~0.2 s of bilinear work per chunk, small next to the (K, H0, W0) bool result itself.
-MASK_CHUNK_BYTES = 64 << 20
 
 
 def query_scores(logits: Tensor, objectness: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,21 +81,82 @@ def upsample_masks(mask_prob: Tensor, padded_size: tuple[int, int], image_size: 
     return m[0]
 
 
-def binary_masks(mask_prob: Tensor, padded_size: tuple[int, int], image_size: tuple[int, int],
-                 orig_size: tuple[int, int], threshold: float,
-                 chunk_bytes: int = MASK_CHUNK_BYTES) -> Tensor:
-    """(K, h4, w4) probabilities -> (K, H0, W0) bool masks, `upsample_masks` > threshold.
+def _linear_taps(in_size: int, out_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """PyTorch's bilinear taps (align_corners=False) along one axis, in its float32 arithmetic:
+    output index o reads i0[o] and i1[o] with weights 1 - l1[o] and l1[o] (out_size,) each."""
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+    src = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=in_size - 1)
+    i1 = (i0 + 1).clamp(max=in_size - 1)
+    return i0, i1, (src - i0).clamp(0, 1)
 
-    Made in chunks of instances so the float intermediates never exceed ~chunk_bytes (at least
-    one instance: H0 x W0 floats); each instance is resized on its own channel, so the result is
-    bit-identical to upsampling all K at once."""
+
+def _composed_taps(n4: int, padded: int, size: int, orig: int) -> tuple[Tensor, Tensor]:
+    """One axis of `upsample_masks` (1/4 -> padded, crop to `size`, -> orig) as ONE filter of 3
+    taps: output o = sum_s w[o, s] * x[base[o] + s]. Two bilinear stages of 2 taps each compose
+    to 3 adjacent taps because the first stage upsamples (its i0 grows by <= 1 per step).
+    Returns base (orig,) int64 and w (orig, 3) float32."""
+    a0, a1, la = _linear_taps(n4, padded)  # 1/4 -> padded, only [0, size) is used
+    b0, b1, lb = _linear_taps(size, orig)  # size -> orig
+    base = a0[b0]  # (orig,)
+    idx = torch.stack([a0[b0], a1[b0], a0[b1], a1[b1]], 1) - base[:, None]  # (orig, 4) in 0..2
+    val = torch.stack([(1 - lb) * (1 - la[b0]), (1 - lb) * la[b0], lb * (1 - la[b1]), lb * la[b1]], 1)
+    w = torch.zeros(orig, 3).scatter_add_(1, idx, val)
+    return base, w
+
+
+def binary_masks(mask_prob: Tensor, padded_size: tuple[int, int], image_size: tuple[int, int],
+                 orig_size: tuple[int, int], threshold: float) -> Tensor:
+    """(K, h4, w4) probabilities -> (K, H0, W0) bool masks: `upsample_masks` > threshold, computed
+    only where a mask can be, inside each instance's box.
+
+    A bilinear value is a convex combination of its taps, so an output pixel whose taps all miss
+    the instance's pixels > threshold at 1/4 is <= threshold: False, not computed. Inside the box
+    both resizes run as one linear map per axis (`_composed_taps`, as small dense matrices: two
+    matmuls per instance), the same map as the two `F.interpolate` calls, rounded differently:
+    masks equal to `upsample_masks` > threshold but for pixels within rounding of the threshold
+    (tests/test_postprocess_masks.py; none differed there). Work and float memory grow with the
+    instances' boxes, not with K x H0 x W0; the box's matmuls use torch's threads."""
+    k, h4, w4 = mask_prob.shape
     h0, w0 = orig_size
-    out = torch.empty((len(mask_prob), h0, w0), dtype=torch.bool, device=mask_prob.device)
-    step = max(1, chunk_bytes // (4 * h0 * w0))  # instances per chunk
-    for s in range(0, len(mask_prob), step):
-        out[s:s + step] = upsample_masks(mask_prob[s:s + step], padded_size, image_size,
-                                         orig_size) > threshold  # (k, H0, W0)
+    out = torch.zeros((k, h0, w0), dtype=torch.bool, device=mask_prob.device)
+    if k == 0:
+        return out
+    by, wy = _composed_taps(h4, padded_size[0], image_size[0], h0)  # (H0,), (H0, 3)
+    bx, wx = _composed_taps(w4, padded_size[1], image_size[1], w0)  # (W0,), (W0, 3)
+    my, mx = _dense(by, wy, h4).to(mask_prob), _dense(bx, wx, w4).to(mask_prob)  # (H0, h4), (W0, w4)
+    fg = mask_prob > threshold  # (K, h4, w4)
+    ys, xs = _spans(by, fg.any(2).cpu()), _spans(bx, fg.any(1).cpu())  # the boxes, [start, end) each
+    byl, bxl = by.tolist(), bx.tolist()
+    for i, ((y0, y1), (x0, x1)) in enumerate(zip(ys, xs)):
+        if y1 <= y0 or x1 <= x0:
+            continue
+        a0, a1 = byl[y0], min(byl[y1 - 1] + 3, h4)
+        c0, c1 = bxl[x0], min(bxl[x1 - 1] + 3, w4)
+        fy, part, fx = my[y0:y1, a0:a1], mask_prob[i, a0:a1, c0:c1], mx[x0:x1, c0:c1].T
+        # (y1 - y0, x1 - x0), the two products in their cheaper order
+        box = (fy @ part) @ fx if y1 - y0 >= x1 - x0 else fy @ (part @ fx)
+        out[i, y0:y1, x0:x1] = box > threshold
     return out
+
+
+def _spans(base: Tensor, hit: Tensor) -> list[tuple[int, int]]:
+    """hit (K, n4) bool at 1/4 -> per instance the output range [start, end) whose 3 taps
+    (base .. base + 2, base nondecreasing) meet its first..last hit; empty when it has none."""
+    n = hit.shape[1]
+    idx = torch.arange(n)
+    first = torch.where(hit, idx, n).min(1).values
+    last = torch.where(hit, idx, -1).max(1).values
+    start = torch.searchsorted(base, (first - 2).contiguous(), side="left")
+    end = torch.searchsorted(base, last.contiguous(), side="right")
+    end = torch.where(last < 0, start, end)
+    return list(zip(start.tolist(), end.tolist()))
+
+
+def _dense(base: Tensor, w: Tensor, n4: int) -> Tensor:
+    """base (orig,), w (orig, 3) of `_composed_taps` -> the same filter as a dense (orig, n4) matrix."""
+    idx = (base[:, None] + torch.arange(3)).clamp(max=n4 - 1)
+    return torch.zeros(len(base), n4).scatter_add_(1, idx, w)
 
 
 def postprocess_image(logits: Tensor, objectness: Tensor, mask_logits: Tensor,
