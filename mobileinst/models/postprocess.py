@@ -125,8 +125,8 @@ def binary_masks(mask_prob: Tensor, padded_size: tuple[int, int], image_size: tu
     by, wy = _composed_taps(h4, padded_size[0], image_size[0], h0)  # (H0,), (H0, 3)
     bx, wx = _composed_taps(w4, padded_size[1], image_size[1], w0)  # (W0,), (W0, 3)
     my, mx = _dense(by, wy, h4).to(mask_prob), _dense(bx, wx, w4).to(mask_prob)  # (H0, h4), (W0, w4)
-    fg = mask_prob > threshold  # (K, h4, w4)
-    ys, xs = _spans(by, fg.any(2).cpu()), _spans(bx, fg.any(1).cpu())  # the boxes, [start, end) each
+    rows, cols = mask_prob.amax(2) > threshold, mask_prob.amax(1) > threshold  # (K, h4), (K, w4)
+    ys, xs = _spans(by, rows.cpu()), _spans(bx, cols.cpu())  # the boxes, [start, end) each
     byl, bxl = by.tolist(), bx.tolist()
     for i, ((y0, y1), (x0, x1)) in enumerate(zip(ys, xs)):
         if y1 <= y0 or x1 <= x0:
