@@ -117,3 +117,17 @@ def _list(path: str | Path, ckpt: dict, key: str) -> list | None:
     if not isinstance(values, (list, tuple)):
         raise CheckpointError(f"{path}: '{key}' must be a list, got {type(values).__name__}")
     return list(values)
+
+
+class Described:
+    """What image and video predictors share: the trained model's names and ids from `info`."""
+
+    info: ModelInfo
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.info.class_names)
+
+    @property
+    def cat_ids(self) -> list[int]:
+        return list(self.info.cat_ids)

@@ -27,15 +27,15 @@ from torch import Tensor
 from ..checkpoint import model_from_checkpoint
 from ..models.mobileinst import MobileInst
 from ..models.postprocess import InferenceConfig, conf_config, decode_instances
-from .model_info import ModelInfo
-from .preprocess import check_image, prepare
+from .model_info import Described, ModelInfo
+from .preprocess import check_image, prediction_sizes, prepare
 from .results import Result, postprocessed_result
 
 log = logging.getLogger("mobileinst.infer")
 RAW_KEYS = ("logits", "objectness", "kernels", "mask_features")
 
 
-class Predictor:
+class Predictor(Described):
     """Image(s) -> Result(s) with score > conf. Subclasses set `info` and implement `forward`.
 
     imgsz / max_size: the short side and long-side cap for an any-size network (default: the
@@ -47,20 +47,11 @@ class Predictor:
     def __init__(self, info: ModelInfo, imgsz: int | None = None, max_size: int | None = None,
                  conf: float = 0.3) -> None:
         self.info = info
-        self.imgsz = min(info.input.size) if info.input.size else int(imgsz or info.imgsz)
-        self.max_size = max_size or round(self.imgsz * 853 / 640)  # SparseInst test size 640 / 853
+        self.imgsz, self.max_size = prediction_sizes(info.input, imgsz, max_size, info.imgsz)
         self.conf = conf
         if info.graph_conf is not None and conf < info.graph_conf:
             log.warning("%s returns only instances scoring above %s (exported with --conf): conf %s "
                         "cannot show more", info.source or "the graph", info.graph_conf, conf)
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.info.class_names)
-
-    @property
-    def cat_ids(self) -> list[int]:
-        return list(self.info.cat_ids)
 
     def forward(self, batch: Tensor) -> dict[str, Tensor | np.ndarray]:
         """The network: the prepared float batch (B, 3, H, W) 0..255 -> its outputs by name."""

@@ -26,6 +26,14 @@ def inference_size(h: int, w: int, imgsz: int, max_size: int) -> tuple[int, int]
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
+def prediction_sizes(spec, imgsz: int | None, max_size: int | None, trained: int) -> tuple[int, int]:
+    """(short side, long-side cap) that prediction resizes to: a fixed-size input's own short
+    side, else imgsz (default the training size); the cap defaults to short * 853 / 640
+    (SparseInst's test size 640 / 853). spec: the network's InputSpec."""
+    short = min(spec.size) if spec.size else int(imgsz or trained)
+    return short, max_size or round(short * 853 / 640)
+
+
 def preprocess(images: list[np.ndarray], imgsz: int, max_size: int, divisor: int = 32
                ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """RGB uint8 images -> a padded batch (B, 3, Hp, Wp) float 0..255 and each resized size."""

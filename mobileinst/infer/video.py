@@ -40,9 +40,9 @@ from ..models.postprocess import binary_masks, kernel_mask_logits, maskness
 from ..track.results import TrackedFrame
 from ..track.tracker import Tracker, TrackerConfig
 from .factory import VIDEO_BACKENDS, cached_onnx, check_backend, cpu_only, load_trained
-from .model_info import ModelInfo
+from .model_info import Described, ModelInfo
 from .ort import open_session
-from .preprocess import prepare, to_input
+from .preprocess import prediction_sizes, prepare, to_input
 
 
 # -- the network, behind two calls -------------------------------------------------------------
@@ -136,7 +136,7 @@ def _check_pair(key_path: Path, key: dict[str, str], feat_path: Path, feat: dict
 
 
 # -- the predictor -------------------------------------------------------------------------------
-class VideoPredictor:
+class VideoPredictor(Described):
     """A network (PyTorch model or `VideoNet`) plus the streaming state of one video (call
     `reset` between videos). imgsz / max_size as image prediction's (default: the model's)."""
 
@@ -150,21 +150,11 @@ class VideoPredictor:
         self.info = self.net.info
         self.model = getattr(self.net, "model", None)  # the PyTorch model (None for onnxruntime)
         self.device = getattr(self.net, "device", torch.device("cpu"))
-        spec = self.info.input
-        self.imgsz = min(spec.size) if spec.size else int(imgsz or self.info.imgsz)
-        self.max_size = max_size or round(self.imgsz * 853 / 640)  # as image prediction
+        self.imgsz, self.max_size = prediction_sizes(self.info.input, imgsz, max_size, self.info.imgsz)
         self.reuse = reuse
         self.mask_threshold = self.info.inference.mask_threshold
         self.tracker = Tracker(TrackerConfig(conf, keep_conf, patience))
         self.reset()
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.info.class_names)
-
-    @property
-    def cat_ids(self) -> list[int]:
-        return list(self.info.cat_ids)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", **kwargs) -> "VideoPredictor":
