@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from recipe_seeds import cpu_model  # noqa: E402 - after the path
+
+from mobileinst.benchmark import file_size_mb  # noqa: E402
 
 SUFFIX = {"openvino": ".xml", "executorch": ".pte", "litert": ".tflite"}
 PACKAGES = {"onnxruntime": ["onnxruntime"], "openvino": ["openvino", "nncf"],
@@ -48,23 +52,6 @@ class Timed:
         result = self.predictor(image)
         self.times.append(time.perf_counter() - t0)
         return result
-
-
-def size_mb(path: Path) -> float:
-    total = path.stat().st_size
-    if path.suffix == ".xml" and path.with_suffix(".bin").is_file():
-        total += path.with_suffix(".bin").stat().st_size
-    return total / 1e6
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -107,7 +94,7 @@ def main() -> None:
         metrics = evaluate_coco(data.val.json, records, backend="pycocotools")
         rows.append((name, input_desc, metrics.AP, metrics.AP50,
                      None if ref_ap is None else metrics.AP - ref_ap,
-                     1000 * statistics.median(timed.times), size_mb(path) if path else None, export_s))
+                     1000 * statistics.median(timed.times), file_size_mb(path) if path else None, export_s))
         print(f"{name}: AP {metrics.AP:.4f}", flush=True)
         return metrics.AP
 
@@ -162,7 +149,7 @@ def main() -> None:
     print(f"\n`{' '.join(['python', *sys.argv])}`\n")
     print(f"{args.weights} on {len(val)} val images of {args.data}, training size {imgsz}, "
           f"{args.threads} thread(s); int8 calibrated on {args.calib_n} train images; "
-          f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}\n")
+          f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}\n")
     print("| backend | input | mask AP | AP50 | ΔAP int8 - fp32 | ms / image | MB | export s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for name, desc, a, a50, d, ms, mb, es in rows:

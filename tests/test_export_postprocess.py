@@ -26,6 +26,7 @@ from mobileinst.export.onnx import ExportGraph, export_onnx, read_metadata
 from mobileinst.infer import ModelInfo, OnnxPredictor, TorchPredictor
 from mobileinst.infer.results import postprocessed_result, resize_masks
 from mobileinst.verb_config import config_from_args
+from test_export import make_realistic
 
 
 def _bench():
@@ -53,22 +54,6 @@ def natural_batch(h: int, w: int, n: int = 1, seed: int = 0) -> np.ndarray:
     imgs = [cv2.resize(voc_image(), (w, h), interpolation=cv2.INTER_AREA)]
     imgs += list(example_images(n - 1, h, w, seed=seed)) if n > 1 else []
     return np.stack(imgs[:n])
-
-
-@torch.no_grad()
-def make_realistic(model: torch.nn.Module, image: np.ndarray) -> torch.nn.Module:
-    """tests/test_export.py's weight edits: mask features centred per channel, mask logits
-    std ~4 (sharp edges), class logits std ~2 (scores spread), so instances pass 0.3."""
-    import cv2
-    model.eval()
-    x = torch.from_numpy(cv2.resize(image, (416, 320)).transpose(2, 0, 1).copy()).float()[None]
-    mf = model.features(x)[0]
-    model.mask_decoder.mask_proj.bias.sub_(mf.mean((0, 2, 3)))
-    raw = model.forward_raw(x)
-    model.instance_decoder.kernel_head.weight.mul_(4.0 / raw["pred_masks"].std())
-    model.instance_decoder.class_head.weight.mul_(2.0 / raw["pred_logits"].std())
-    model.instance_decoder.class_head.bias.fill_(-1.0)
-    return model
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
