@@ -35,7 +35,7 @@ test-slow: $(STAMP)
 test-runtimes: $(STAMP)
 	$(BIN)/python -m pip install -q torch==2.13.0 -e '.[dev,openvino,ncnn,executorch,litert,coreml]'
 	$(BIN)/python -c "import torch; assert torch.__version__.split('+')[0] == '2.13.0', torch.__version__"
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m 'slow or not slow' tests/test_runtimes.py tests/test_int8_runtimes.py tests/test_export.py -k "runtime or int8 or ncnn or executorch or litert or coreml or openvino" --durations=10
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m 'slow or not slow' tests/test_runtimes.py tests/test_int8_runtimes.py tests/test_track_runtimes.py tests/test_export.py -k "runtime or int8 or ncnn or executorch or litert or coreml or openvino" --durations=10
 
 demo: $(STAMP)
 	$(BIN)/mobileinst demo

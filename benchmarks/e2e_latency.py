@@ -29,9 +29,9 @@ images of --data (default: the hard synthetic set of benchmarks/learning_curve.p
   own `Results.speed` (preprocess/inference/postprocess); e2e is our wall clock around the whole
   predict() call (it includes what `speed` does not: the source loader, Results objects).
 - Threads: every (S, T) is one fresh process with OMP_NUM_THREADS=T, torch.set_num_threads(T),
-  1 inter-op thread; onnxruntime sessions get intra_op_num_threads=T, inter_op 1, sequential
-  (ultralytics' own session is created with the same options: its loader passes none, which
-  would use every core); glibc keeps freed memory (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_).
+  1 inter-op thread; onnxruntime sessions get intra_op_num_threads=T, inter_op 1, sequential,
+  no spinning (`mobileinst.infer.ort.session_options`); ultralytics' own session is created with
+  the same options (its loader passes none, which would use every core); glibc keeps freed memory (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_).
 - The models run interleaved in that process, image after image (the order rotated per image),
   so they see the same machine state. --warmup calls on other val images first, then --runs
   timed images: median and p90 per stage and end to end, and the mean instance count per image.
@@ -224,7 +224,7 @@ def export_yolo(weights: str, imgsz: int, folder: Path) -> Path:
     if proc.returncode:
         raise RuntimeError(f"YOLO export of {weights} failed: "
                            + " | ".join((proc.stderr.strip().splitlines() or ["?"])[-3:])[:600])
-    made = Path(work, proc.stdout.strip().splitlines()[-1].strip())
+    made = Path(proc.stdout.strip().splitlines()[-1].strip())  # relative to the child's cwd
     shutil.move(str(made if made.is_absolute() else work / made), out)
     shutil.rmtree(work, ignore_errors=True)
     return out

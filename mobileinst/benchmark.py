@@ -68,6 +68,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import CheckpointError, DataError, MobileInstError
+from .verb_config import add_cfg_option, config_from_args
 
 FORMATS = ("onnx", "openvino", "ncnn", "executorch", "litert", "coreml")  # export/command.py's
 REFERENCE = "torch"
@@ -124,13 +125,15 @@ def add_parser(subparsers) -> None:
                         "train split)")
     p.add_argument("--calib-n", type=int, default=64, help="calibration images (default 64)")
     p.add_argument("--out", default=None, help="results and exported files (default runs/benchmark/expN)")
+    add_cfg_option(p, "benchmark")
     p.set_defaults(func=cmd_benchmark)
 
 
 def cmd_benchmark(args: argparse.Namespace) -> None:
-    run_benchmark(args.weights, args.data, formats=args.formats, threads=args.threads,
-                  imgsz=args.imgsz, runs=args.runs, warmup=args.warmup, conf=args.conf,
-                  int8=args.int8, calib=args.calib, calib_n=args.calib_n, out=args.out,
+    cfg = config_from_args(args)  # a BenchmarkConfig: --cfg file, then the given options
+    run_benchmark(cfg.weights, cfg.data, formats=cfg.formats, threads=cfg.threads,
+                  imgsz=cfg.imgsz, runs=cfg.runs, warmup=cfg.warmup, conf=cfg.conf,
+                  int8=cfg.int8, calib=cfg.calib, calib_n=cfg.calib_n, out=cfg.out,
                   command=_command_line())
 
 

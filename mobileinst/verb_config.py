@@ -1,4 +1,4 @@
-"""The options of `val`, `predict`, `track` and `export` as data, like `train`'s TrainConfig.
+"""The options of `val`, `predict`, `track`, `export` and `benchmark` as data, like `train`'s TrainConfig.
 
     mobileinst predict --cfg predict.yaml --conf 0.5     # the file's options, --conf on top
     cfg = PredictConfig.from_yaml("predict.yaml", conf=0.5)
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,24 @@ class ExportConfig:
     calib_n: int = 64
 
 
-VERB_CONFIGS = {"val": ValConfig, "predict": PredictConfig, "track": TrackConfig, "export": ExportConfig}
+@dataclass
+class BenchmarkConfig:
+    weights: str = ""
+    data: str = ""
+    formats: list | None = None  # None: every installed format
+    threads: list = field(default_factory=lambda: [1])
+    imgsz: int | None = None
+    runs: int = 30
+    warmup: int = 5
+    conf: float = 0.3
+    int8: bool = False
+    calib: str | None = None
+    calib_n: int = 64
+    out: str | None = None
+
+
+VERB_CONFIGS = {"val": ValConfig, "predict": PredictConfig, "track": TrackConfig, "export": ExportConfig,
+                "benchmark": BenchmarkConfig}
 
 
 def from_dict(cls: type, values: dict[str, Any], source: str = "options") -> Any:

@@ -131,6 +131,26 @@ def test_missing_files(tmp_path, capsys):
     assert "is an existing file, not a folder" in capsys.readouterr().err
 
 
+def test_cfg_file(tmp_path, monkeypatch, capsys):
+    """--cfg FILE.yaml holds any option; the command line overrides it; typos are refused."""
+    seen = {}
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda weights, data, **kw: seen.update(
+        weights=weights, data=data, **kw))
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text("weights: w.pt\ndata: d.yaml\nformats: [onnx, openvino]\nthreads: [1, 2]\n"
+                   "runs: 7\nint8: true\n")
+    assert main(["benchmark", "--cfg", str(cfg), "--runs", "9", "--no-int8"]) == 0
+    assert seen["weights"] == "w.pt" and seen["data"] == "d.yaml"
+    assert seen["formats"] == ["onnx", "openvino"] and seen["threads"] == [1, 2]
+    assert seen["runs"] == 9 and seen["int8"] is False and seen["warmup"] == 5  # CLI > file > default
+    cfg.write_text("weights: w.pt\ndata: d.yaml\nthread: 2\n")
+    assert main(["benchmark", "--cfg", str(cfg)]) == 2
+    assert "unknown option 'thread'; did you mean 'threads'?" in capsys.readouterr().err
+    cfg.write_text("data: d.yaml\n")
+    assert main(["benchmark", "--cfg", str(cfg)]) == 2
+    assert "benchmark needs --weights" in capsys.readouterr().err
+
+
 def test_install_hint(monkeypatch):
     monkeypatch.setattr(benchmark.importlib.util, "find_spec", lambda name: None)
     assert benchmark.install_hint("ncnn") == "ncnn: not installed (no pnnx, ncnn): pip install 'mobileinst[ncnn]'"

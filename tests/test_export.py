@@ -297,6 +297,10 @@ def test_load_predictor_backends(models, topformer_dyn, tmp_path):
         load_predictor(topformer_dyn, backend="torch")
     with pytest.raises(MobileInstError, match="backend"):
         load_predictor(topformer_dyn, backend="tensorrt")
+    so = load_predictor(topformer_dyn, backend="onnxruntime", threads=2).session.get_session_options()
+    assert (so.intra_op_num_threads, so.inter_op_num_threads) == (2, 1)
+    # workers sleep between runs: spinning ones took the cores the torch decode needs next
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 # -- errors ----------------------------------------------------------------------------------------

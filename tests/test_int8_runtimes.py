@@ -28,8 +28,8 @@ from mobileinst.infer.runtimes import RuntimePredictor, dequantize_io, file_kind
 
 HW = (128, 128)
 NAMES = ["circle", "square", "triangle"]
-SUFFIX = {"openvino": ".xml"}  # the runtimes with int8 here besides onnxruntime (formats.INT8_FORMATS)
-PACKAGES = {"openvino": ["openvino", "nncf"]}
+SUFFIX = {"openvino": ".xml", "executorch": ".pte"}  # int8 besides onnxruntime (formats.INT8_FORMATS)
+PACKAGES = {"openvino": ["openvino", "nncf"], "executorch": ["executorch", "torchao"]}
 
 
 def file_bytes(path: Path) -> int:

@@ -67,3 +67,5 @@ def test_edge_cases():
     assert not got[0].any() and got[1].all() and got[2, 0, 0] and got[3].any()
     empty = binary_masks(prob[:0], padded, size, orig, THRESHOLD)
     assert empty.shape == (0, 300, 400) and empty.dtype == torch.bool
+    plain = upsample_masks(prob[:0], padded, size, orig)  # no instance kept: an empty result
+    assert plain.shape == (0, 300, 400) and plain.dtype == prob.dtype

@@ -152,6 +152,23 @@ def test_openvino_runs_an_onnx_export_like_onnxruntime(model, image, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("conf", [CONF, None], ids=["conf", "no-conf"])
+def test_openvino_runs_the_postprocessed_onnx_graph(model, image, tmp_path, conf):
+    """The `--postprocess` graph (instance count K decided by the data) in OpenVINO: the same
+    instances as onnxruntime's, with and without the in-graph --conf."""
+    pytest.importorskip("openvino")
+    from mobileinst.export.onnx import export_onnx
+    from mobileinst.infer.ort import OnnxPredictor
+    path = export_onnx(model, tmp_path / "pp.onnx", imgsz=SIZES[1], class_names=NAMES,
+                       postprocess=True, conf=conf)
+    ov = RuntimePredictor(path, backend="openvino", conf=CONF)
+    assert ov.info.graph == "postprocess"
+    a, b = OnnxPredictor(path, conf=CONF)(image), ov(image)
+    assert len(a) >= 3
+    assert assert_same_instances(vars(a), vars(b), min_score=CONF) == len(a) == len(b)
+
+
+@pytest.mark.slow
 def test_coreml_converts(model, tmp_path):
     """Conversion only: CoreML predictions run on macOS alone."""
     ct = pytest.importorskip("coremltools")

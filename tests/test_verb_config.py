@@ -1,4 +1,4 @@
-"""Per-verb options as data: every CLI option of val/predict/track/export is a dataclass field, a
+"""Per-verb options as data: every CLI option of val/predict/track/export/benchmark is a dataclass field, a
 --cfg YAML sets any of them, options given on the command line win, bad files are one line."""
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def test_defaults_equal_the_dataclass_defaults(verb):
     required = {"val": ["--weights", "w.pt", "--data", "d.yaml"],
                 "predict": ["--weights", "w.pt", "--source", "imgs"],
                 "track": ["--weights", "w.pt", "--source", "v.mp4", "--out-dir", "o"],
-                "export": ["--model", "mobileinst-topformer-t"]}[verb]
+                "export": ["--model", "mobileinst-topformer-t"],
+                "benchmark": ["--weights", "w.pt", "--data", "d.yaml"]}[verb]
     cfg = config_from_args(build_parser().parse_args([verb, *required]))
     default = VERB_CONFIGS[verb]()
     given = {a.lstrip("-").replace("-", "_") for a in required[::2]}

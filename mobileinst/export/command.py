@@ -103,8 +103,11 @@ def run(args: argparse.Namespace) -> None:
     if hasattr(args, "_verb"):  # parsed: the --cfg file, then the given options
         args = as_namespace(config_from_args(args))
     check_export_options(args)
-    if args.part != "full" and args.format != "onnx":
-        raise MobileInstError("--part features is for --format onnx")
+    if args.part != "full" and args.int8:
+        raise MobileInstError("--int8 is for the full graph (--part full)")
+    if args.part != "full" and args.format == "coreml":
+        raise MobileInstError("--part features is for the formats that run here (CoreML is "
+                              "conversion only off macOS)")
     model, info, train_imgsz, meta = load_model(args)
     names = list(info.class_names)
     hw = parse_imgsz(args.imgsz)
@@ -117,7 +120,7 @@ def run(args: argparse.Namespace) -> None:
             raise MobileInstError(f"--dynamic and --postprocess are for --format onnx "
                                   f"({args.format} graphs are fixed-size, raw outputs)")
         path = export_format(args.format, model, out, hw or (640, 640), class_names=names, metadata=meta,
-                             cat_ids=list(info.cat_ids))
+                             cat_ids=list(info.cat_ids), part=args.part)
         print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
         if args.int8:
             t0 = time.perf_counter()

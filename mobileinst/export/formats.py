@@ -7,7 +7,9 @@ same module as the raw ONNX graph (`ExportGraph`, float32 RGB 0..255 NCHW in, no
 outputs logits, objectness, kernels, mask_features) at a fixed size, batch 1; decode the outputs
 as the ONNX docstring (`mobileinst.export.onnx`) says. Beside each file a sidecar json
 (`metadata_path`) holds the same metadata as an ONNX export (class names, input size, model
-config, thresholds), which `mobileinst.infer.runtimes.RuntimePredictor` reads. Converter quirks,
+config, thresholds), which `mobileinst.infer.runtimes.RuntimePredictor` reads. `part="features"`
+exports the backbone + mask decoder alone (`FeaturesGraph`, one output mask_features), which the
+tracker runs on the frames between key frames (kernel reuse). Converter quirks,
 from ecosystem.md §2 and tests/test_runtimes.py:
 - OpenVINO converts the module directly (`openvino.convert_model`; it also reads an ONNX file);
   the IR is saved in float32 (save_model's default would compress the weights to fp16).
@@ -35,7 +37,7 @@ from torch import nn
 
 from ..errors import MobileInstError
 from .fuse import fuse_conv_bn
-from .onnx import INPUT_NAME, RAW_OUTPUTS, ExportGraph, _metadata
+from .onnx import FEATURES_OUTPUTS, INPUT_NAME, PARTS, RAW_OUTPUTS, ExportGraph, FeaturesGraph, _metadata
 
 log = logging.getLogger("mobileinst.export")
 
@@ -57,9 +59,14 @@ def require(fmt: str) -> None:
                               f"pip install 'mobileinst[{extra}]'")
 
 
-def graph_and_input(model: nn.Module, hw: tuple[int, int]) -> tuple[nn.Module, torch.Tensor]:
-    """The raw-output export module (Conv-BN fused, eval) and an example (1, 3, H, W) input."""
-    graph = ExportGraph(fuse_conv_bn(model.eval())).eval()
+def graph_and_input(model: nn.Module, hw: tuple[int, int],
+                    part: str = "full") -> tuple[nn.Module, torch.Tensor]:
+    """The export module of `part` (Conv-BN fused, eval: the raw-output network, or for
+    "features" the backbone + mask decoder) and an example (1, 3, H, W) input."""
+    if part not in PARTS:
+        raise MobileInstError(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
+    fused = fuse_conv_bn(model.eval())
+    graph = (FeaturesGraph(fused) if part == "features" else ExportGraph(fused)).eval()
     x = torch.randint(0, 256, (1, 3, *hw), generator=torch.Generator().manual_seed(0)).float()
     return graph, x
 
@@ -69,9 +76,14 @@ def openvino_ir(graph: nn.Module, x: torch.Tensor):
     import openvino as ov
     ir = ov.convert_model(graph, example_input=x, input=[tuple(x.shape)])
     ir.inputs[0].get_tensor().set_names({INPUT_NAME})
-    for port, name in zip(ir.outputs, RAW_OUTPUTS):
+    for port, name in zip(ir.outputs, output_names(graph)):
         port.get_tensor().set_names({name})
     return ir
+
+
+def output_names(graph: nn.Module) -> tuple[str, ...]:
+    """The outputs of an export module, in order: the raw network's four, or mask_features."""
+    return tuple(FEATURES_OUTPUTS if isinstance(graph, FeaturesGraph) else RAW_OUTPUTS)
 
 
 def to_openvino(graph: nn.Module, x: torch.Tensor, out: Path) -> Path:
@@ -173,8 +185,9 @@ def write_metadata(model: nn.Module, graph: nn.Module, hw: tuple[int, int], fmt:
 
 def export_format(fmt: str, model: nn.Module, out: str | Path, hw: tuple[int, int],
                   class_names: list[str] | None = None, metadata: dict | None = None,
-                  cat_ids: list[int] | None = None) -> Path:
-    """Export `model` to `fmt` at a fixed (H, W), batch 1, raw outputs; returns the written path
+                  cat_ids: list[int] | None = None, part: str = "full") -> Path:
+    """Export `model` to `fmt` at a fixed (H, W), batch 1, raw outputs (part "features": the
+    features graph's mask_features only); returns the written path
     (for openvino OUT with the suffix .xml). The sidecar metadata is written beside it
     (`metadata_path`); `metadata` adds entries to it; class_names / cat_ids: the trained
     model's (`ModelInfo`)."""
@@ -183,7 +196,7 @@ def export_format(fmt: str, model: nn.Module, out: str | Path, hw: tuple[int, in
     if hw[0] % 32 or hw[1] % 32:
         raise MobileInstError(f"--imgsz {hw[0]} {hw[1]}: both sides must be multiples of 32")
     require(fmt)
-    graph, x = graph_and_input(model, hw)
+    graph, x = graph_and_input(model, hw, part)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -203,14 +216,13 @@ def export_format(fmt: str, model: nn.Module, out: str | Path, hw: tuple[int, in
 INT8_FORMATS: dict[str, str] = {
     "onnx": "onnxruntime static QDQ (mobileinst.export.quantize)",
     "openvino": "NNCF post-training quantization",
+    "executorch": "PT2E static quantization (XNNPACKQuantizer), lowered to XNNPACK",
 }
 # format -> why it has no int8 here
 NO_INT8: dict[str, str] = {
     "ncnn": "ncnn int8 needs ncnn's C++ tools ncnn2table and ncnn2int8, which neither the ncnn "
             "wheel (runtime and per-Mat quantize_to_int8 only) nor pnnx (fp16 switch only) ships",
     "coreml": "CoreML files run only on macOS here; an int8 one could not be checked",
-    "executorch": "PT2E + XNNPACKQuantizer lowering fails for this network with executorch 1.5.1 "
-                  "(missing out variant quantized_decomposed::dequantize_per_channel)",
     "litert": "PT2E calibration fails for this network with litert-torch 0.10.0 "
               "(histogram observer on an integer tensor: 'histogram_cpu' not implemented for 'Long')",
 }

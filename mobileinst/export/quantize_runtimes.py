@@ -14,11 +14,16 @@ letterbox into the fixed size, pad with the mean pixel, float32).
   int8 weights, asymmetric int8 activations, MinMax ranges, fast bias correction), saved as IR
   with float32 for whatever stays float. The CPU plugin runs FakeQuantize-d convolutions and
   matmuls in int8.
-ExecuTorch and LiteRT have none yet: PT2E static quantization (ExecuTorch's XNNPACKQuantizer;
-litert-torch's PT2EQuantizer) of this network failed on 2026-12-02 (executorch 1.5.1: "Missing out
-variants: quantized_decomposed::dequantize_per_channel" when lowering; litert-torch 0.10.0:
-"histogram_cpu not implemented for 'Long'" in calibration), so they are refused with that reason
-(`formats.NO_INT8`).
+- executorch: PT2E static quantization (torch.export -> `prepare_pt2e` with ExecuTorch's
+  XNNPACKQuantizer, symmetric per-channel int8 weights and int8 activations -> calibration ->
+  `convert_pt2e`), then lowered to XNNPACK like the float file. The quantize / dequantize ops that
+  stay outside the delegate need ExecuTorch's quantized kernels: importing
+  `executorch.kernels.quantized` registers them (without it lowering fails with "Missing out
+  variants: quantized_decomposed::dequantize_per_channel", and loading the .pte with error 0x14);
+  the backend imports it, and a device app links ExecuTorch's quantized_ops_lib beside XNNPACK.
+LiteRT has none yet: litert-torch 0.10.0's PT2EQuantizer failed in calibration on 2026-12-02
+("histogram_cpu not implemented for 'Long'": a histogram observer on an integer tensor), so it is
+refused with that reason (`formats.NO_INT8`).
 
 NCNN has none here: its int8 needs ncnn's C++ tools `ncnn2table` (calibration) and `ncnn2int8`
 (rewrites the .param/.bin), which neither the `ncnn` wheel (1.0.20261020: the runtime, plus the
@@ -52,10 +57,13 @@ log = logging.getLogger("mobileinst.export")
 SCHEMES = {
     "openvino": "NNCF post-training quantization (nncf.quantize, MIXED preset: symmetric "
                 "per-channel int8 weights, asymmetric int8 activations, MinMax, fast bias correction)",
+    "executorch": "PT2E static quantization (XNNPACKQuantizer: symmetric per-channel int8 weights, "
+                  "int8 activations), lowered to XNNPACK",
 }
 # format -> the python modules its int8 path needs, and the pip extra that has them
 INT8_REQUIREMENTS = {
     "openvino": (("openvino", "nncf"), "openvino"),
+    "executorch": (("executorch", "torchao"), "executorch"),
 }
 
 
@@ -79,14 +87,34 @@ def quantize_openvino(graph: nn.Module, x: torch.Tensor, out: Path, batches: lis
     return xml
 
 
-QUANTIZERS = {"openvino": quantize_openvino}
+def quantize_executorch(graph: nn.Module, x: torch.Tensor, out: Path, batches: list[np.ndarray]) -> Path:
+    import executorch.kernels.quantized  # noqa: F401 - registers the quantized out variants
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer, get_symmetric_quantization_config)
+    from executorch.exir import to_edge_transform_and_lower
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    observed = prepare_pt2e(torch.export.export(graph, (x,)).module(), quantizer)
+    with torch.no_grad():
+        for batch in batches:  # (1, 3, H, W) float32, as the predictor feeds the network
+            observed(torch.from_numpy(batch))
+    quantized = convert_pt2e(observed)
+    program = to_edge_transform_and_lower(torch.export.export(quantized, (x,)),
+                                          partitioner=[XnnpackPartitioner()]).to_executorch()
+    out.write_bytes(program.buffer)
+    return out
+
+
+QUANTIZERS = {"openvino": quantize_openvino, "executorch": quantize_executorch}
 
 
 def quantize_format(fmt: str, model: nn.Module, out: str | Path, hw: tuple[int, int],
                     calibration: str | Path | Iterable[np.ndarray], n: int = 64,
                     class_names: list[str] | None = None, metadata: dict | None = None,
                     cat_ids: list[int] | None = None) -> Path:
-    """Write the int8 file of `fmt` (openvino) at `out` and its sidecar
+    """Write the int8 file of `fmt` (openvino, executorch) at `out` and its sidecar
     metadata: the float export's, plus "int8" (the scheme and the calibration)."""
     if fmt not in QUANTIZERS:
         raise MobileInstError(f"no int8 for --format {fmt} (int8 formats: onnx, {', '.join(QUANTIZERS)})")

@@ -29,7 +29,7 @@ from .runtimes import RuntimePredictor
 log = logging.getLogger("mobileinst.infer")
 RUNTIME_BACKENDS = ("openvino", "ncnn", "executorch", "litert")  # runtimes.py: exported files only
 BACKENDS = ("torch", "onnxruntime", *RUNTIME_BACKENDS)
-VIDEO_BACKENDS = ("torch", "onnxruntime")  # the tracker needs the features graph too
+VIDEO_BACKENDS = BACKENDS  # the tracker: the key-frame file, and its features file for reuse > 1
 
 
 def load_trained(path: str | Path, use_ema: bool = True) -> tuple[MobileInst, ModelInfo]:

@@ -9,7 +9,9 @@ Every backend takes the files of `mobileinst.export.formats.export_format` (raw 
 size, batch 1, float32 RGB 0..255 NCHW in); OpenVINO also runs any ONNX file of `export_onnx`.
 `run` returns {logits (B, N, C), objectness (B, N, 1), kernels (B, N, E), mask_features
 (B, E, H/8, W/8)} like the ONNX graph, which `RuntimePredictor` (the `Predictor` interface of
-predictor.py) decodes with the shared `models.postprocess.decode_instances`. A file made for
+predictor.py) decodes with the shared `models.postprocess.decode_instances`. A features file
+(`part="features"`; `outputs` from its metadata, `output_names`) returns {mask_features} alone: the
+tracker's frames between key frames (`infer.video.RuntimeVideoNet`). A file made for
 another runtime, or one that does not load, is a CheckpointError naming what it is; a missing
 package one line naming the pip extra.
 CoreML is conversion-only off macOS, so it has no backend here.
@@ -97,8 +99,10 @@ class Backend(ABC):
     name = ""
     accepts: tuple[str, ...] = ()
 
-    def __init__(self, path: str | Path, threads: int = 1) -> None:
+    def __init__(self, path: str | Path, threads: int = 1,
+                 outputs: tuple[str, ...] = RAW_OUTPUTS) -> None:
         self.path = Path(path)
+        self.outputs = tuple(outputs)  # the file's outputs, in the exported module's order
         check_kind(self.path, self.name, self.accepts)
         require_runtime(self.name)
         try:
@@ -115,7 +119,8 @@ class Backend(ABC):
 
     @abstractmethod
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """(B, 3, H, W) float32 0..255 -> {logits, objectness, kernels, mask_features}."""
+        """(B, 3, H, W) float32 0..255 -> {name: array} for `self.outputs`
+        (logits, objectness, kernels, mask_features; or mask_features alone)."""
 
 
 class OpenVinoBackend(Backend):
@@ -128,8 +133,9 @@ class OpenVinoBackend(Backend):
         import openvino as ov
         self.model = ov.Core().compile_model(str(self.path), "CPU", {
             "INFERENCE_NUM_THREADS": int(threads), "INFERENCE_PRECISION_HINT": "f32"})
-        self.names = [next(iter(sorted(port.get_names())), default)
-                      for port, default in zip(self.model.outputs, RAW_OUTPUTS)]
+        # a port may carry several tensor names (an ONNX file's internal ones too): take ours
+        self.names = [default if default in port.get_names() else next(iter(sorted(port.get_names())), default)
+                      for port, default in zip(self.model.outputs, self.outputs)]
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         out = self.model(batch)  # port -> array
@@ -143,9 +149,10 @@ class NcnnBackend(Backend):
 
     name, accepts = "ncnn", ("ncnn",)
 
-    def __init__(self, path: str | Path, threads: int = 1) -> None:
+    def __init__(self, path: str | Path, threads: int = 1,
+                 outputs: tuple[str, ...] = RAW_OUTPUTS) -> None:
         path = Path(path)
-        super().__init__(path.parent if path.name == "model.ncnn.param" else path, threads)
+        super().__init__(path.parent if path.name == "model.ncnn.param" else path, threads, outputs)
 
     def load(self, threads: int) -> None:
         import ncnn
@@ -160,7 +167,7 @@ class NcnnBackend(Backend):
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         per_image = [self._run_one(np.ascontiguousarray(img, np.float32)) for img in batch]
-        return {k: np.concatenate([o[k] for o in per_image]) for k in RAW_OUTPUTS}
+        return {k: np.concatenate([o[k] for o in per_image]) for k in self.outputs}
 
     def _run_one(self, img: np.ndarray) -> dict[str, np.ndarray]:
         """(3, H, W) -> outputs with a batch of 1. `img` must outlive the extraction: ncnn.Mat
@@ -169,7 +176,7 @@ class NcnnBackend(Backend):
         ex = self.net.create_extractor()
         ex.input("in0", ncnn.Mat(img))
         out = {}
-        for i, name in enumerate(RAW_OUTPUTS):
+        for i, name in enumerate(self.outputs):
             rc, mat = ex.extract(f"out{i}")
             if rc != 0:
                 raise MobileInstError(f"{self.path}: NCNN found no output out{i} (not a mobileinst export?)")
@@ -185,6 +192,7 @@ class ExecuTorchBackend(Backend):
     name, accepts = "executorch", ("executorch",)
 
     def load(self, threads: int) -> None:
+        import executorch.kernels.quantized  # noqa: F401 - the kernels an int8 .pte's q/dq ops need
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
         from executorch.runtime import Runtime
         _unsafe_reset_threadpool(int(threads))
@@ -192,7 +200,7 @@ class ExecuTorchBackend(Backend):
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         outs = self.method.execute([torch.from_numpy(np.ascontiguousarray(batch, np.float32))])
-        return {name: o.numpy() for name, o in zip(RAW_OUTPUTS, outs)}
+        return {name: o.numpy() for name, o in zip(self.outputs, outs)}
 
 
 class LiteRtBackend(Backend):
@@ -219,7 +227,7 @@ class LiteRtBackend(Backend):
         x = quantize_io(np.ascontiguousarray(batch, np.float32), self.input_detail)
         out = self.runner(**{self.input_name: x})
         return {name: dequantize_io(out[k], self.output_details[k])
-                for name, k in zip(RAW_OUTPUTS, self.output_keys)}
+                for name, k in zip(self.outputs, self.output_keys)}
 
 
 def quantize_io(x: np.ndarray, detail: dict) -> np.ndarray:
@@ -245,8 +253,10 @@ BACKENDS: dict[str, type[Backend]] = {"openvino": OpenVinoBackend, "ncnn": NcnnB
                                       "executorch": ExecuTorchBackend, "litert": LiteRtBackend}
 
 
-def open_backend(path: str | Path, backend: str | None = None, threads: int = 1) -> Backend:
-    """The backend for `path`: `backend` by name, or the one that runs its kind of file."""
+def open_backend(path: str | Path, backend: str | None = None, threads: int = 1,
+                 outputs: tuple[str, ...] = RAW_OUTPUTS) -> Backend:
+    """The backend for `path`: `backend` by name, or the one that runs its kind of file;
+    `outputs`: the names of the file's outputs (the raw network's by default)."""
     if backend is None:
         kind = file_kind(path)
         backend = "openvino" if kind == "onnx" else kind
@@ -256,7 +266,7 @@ def open_backend(path: str | Path, backend: str | None = None, threads: int = 1)
                                   f"{', '.join(BACKENDS)} exports")
     if backend not in BACKENDS:
         raise MobileInstError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    return BACKENDS[backend](path, threads)
+    return BACKENDS[backend](path, threads, outputs)
 
 
 def load_metadata(path: str | Path) -> dict[str, str]:
@@ -276,6 +286,11 @@ def load_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
+def output_names(meta: dict[str, str]) -> tuple[str, ...]:
+    """The outputs an export's metadata lists, in order (older files: the raw network's)."""
+    return tuple(json.loads(meta["outputs"])) if "outputs" in meta else tuple(RAW_OUTPUTS)
+
+
 class RuntimePredictor(ExportedPredictor):
     """The `Predictor` interface (letterbox into the fixed size, shared decode, Result) on
     another runtime.
@@ -288,9 +303,12 @@ class RuntimePredictor(ExportedPredictor):
     def __init__(self, path: str | Path, backend: str | None = None, imgsz: int | None = None,
                  max_size: int | None = None, conf: float = 0.3, threads: int = 1) -> None:
         self.path = Path(path)
-        self.backend = open_backend(self.path, backend, threads)
         self.meta = load_metadata(self.path)
+        self.backend = open_backend(self.path, backend, threads, output_names(self.meta))
         super().__init__(ModelInfo.from_metadata(self.path, self.meta), imgsz, max_size, conf)
+        if self.info.graph == "features":
+            raise MobileInstError(f"{self.path}: a features file (mask features only) has no "
+                                  "instances to predict; use the full export (--part full)")
 
     def execute(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         return self.backend.run(batch)

@@ -14,11 +14,14 @@ key frame's (`tracker.match_kernels`) and tracks start / continue / end on key f
 The network is called through a two-method interface (`VideoNet`): `key(batch)` -> logits,
 objectness, kernels, mask_features (the whole network, the raw ONNX graph's outputs) and
 `features(batch)` -> mask_features (backbone + SEMD, the ONNX features graph). `TorchVideoNet` runs
-a PyTorch model, `OnnxVideoNet` the two exported graphs in onnxruntime; preprocessing, kernel
-association, track bookkeeping and mask decoding are the same code for both:
+a PyTorch model, `OnnxVideoNet` the two exported graphs in onnxruntime, `RuntimeVideoNet` the two
+files of `mobileinst export --format F` (and `--part features`) in OpenVINO, NCNN, ExecuTorch or
+LiteRT; preprocessing, kernel association, track bookkeeping and mask decoding are the same code
+for all of them:
 
     vp = VideoPredictor.from_weights("best.pt", backend="onnxruntime", threads=1, reuse=3)
     vp = VideoPredictor.from_onnx("best.onnx", "best-features.onnx", reuse=3)
+    vp = VideoPredictor.from_weights("best.xml", backend="openvino", features="best-features.xml", reuse=3)
 
 Frames of any size are resized (short side `imgsz`, long side capped) and padded to a multiple of 32
 like image prediction (`infer.preprocess.prepare`), or letterboxed into a fixed-size ONNX graph's input;
@@ -39,16 +42,20 @@ from ..models.mobileinst import MobileInst
 from ..models.postprocess import binary_masks, kernel_mask_logits, maskness
 from ..track.results import TrackedFrame
 from ..track.tracker import Tracker, TrackerConfig
-from .factory import VIDEO_BACKENDS, cached_onnx, check_backend, cpu_only, load_trained
+from .factory import RUNTIME_BACKENDS, VIDEO_BACKENDS, cached_onnx, check_backend, cpu_only, load_trained
 from .model_info import Described, ModelInfo
 from .ort import open_session
 from .preprocess import prediction_sizes, prepare, to_input
+from .runtimes import load_metadata, open_backend, output_names
+
+RAW_KEYS = ("logits", "objectness", "kernels", "mask_features")  # what `VideoNet.key` returns
 
 
 # -- the network, behind two calls -------------------------------------------------------------
 class VideoNet(Protocol):
     """What `VideoPredictor` needs from a backend. Batches are (1, 3, H, W) float 0..255."""
     info: ModelInfo  # names, ids, default size, input spec (a fixed-size graph's (H, W))
+    backend: str  # torch, onnxruntime, openvino, ncnn, executorch or litert
 
     def key(self, batch: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Whole network -> logits (1, N, C), objectness (1, N, 1), kernels (1, N, E), M (1, E, h, w)."""
@@ -60,6 +67,8 @@ class VideoNet(Protocol):
 class TorchVideoNet:
     """`VideoNet` over a PyTorch MobileInst: the same modules the ONNX graphs are exported from
     (`export.onnx.ExportGraph`, `FeaturesGraph`), run in PyTorch on `device`."""
+
+    backend = "torch"
 
     def __init__(self, model: MobileInst, info: ModelInfo | None = None,
                  device: str | torch.device = "cpu") -> None:
@@ -81,6 +90,8 @@ class OnnxVideoNet:
     """`VideoNet` over two graphs from `export_onnx` in onnxruntime (CPU): the raw-output key-frame
     graph and, for reuse > 1, the features graph (`part="features"`) of the same model."""
 
+    backend = "onnxruntime"
+
     def __init__(self, key_path: str | Path, features_path: str | Path | None = None,
                  threads: int = 1) -> None:
         self.key_path = Path(key_path)
@@ -101,7 +112,7 @@ class OnnxVideoNet:
 
     def key(self, batch: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         out = dict(zip(self.key_outputs, self.key_session.run(None, self._feed(self.key_session, batch))))
-        return tuple(torch.from_numpy(out[k]) for k in ("logits", "objectness", "kernels", "mask_features"))
+        return tuple(torch.from_numpy(out[k]) for k in RAW_KEYS)
 
     def features(self, batch: Tensor) -> Tensor:
         if self.features_session is None:
@@ -111,6 +122,41 @@ class OnnxVideoNet:
 
     def _feed(self, session, batch: Tensor) -> dict[str, np.ndarray]:
         return {session.get_inputs()[0].name: to_input(batch, self.info.input.dtype)}
+
+
+class RuntimeVideoNet:
+    """`VideoNet` over two files of `export_format` in their runtime (`runtimes.open_backend`:
+    OpenVINO, NCNN, ExecuTorch, LiteRT): the raw-output key-frame file and, for reuse > 1, the
+    features file (`part="features"`) of the same model, both fixed-size, batch 1, float32 in."""
+
+    def __init__(self, key_path: str | Path, features_path: str | Path | None = None,
+                 backend: str | None = None, threads: int = 1) -> None:
+        self.key_path = Path(key_path)
+        self.meta = load_metadata(self.key_path)
+        self.info = ModelInfo.from_metadata(self.key_path, self.meta)
+        _check_kind(self.key_path, self.info.graph, "raw")
+        self.key_backend = open_backend(self.key_path, backend, threads, output_names(self.meta))
+        self.backend = self.key_backend.name
+        self.features_path = Path(features_path) if features_path else None
+        self.features_backend = None
+        if self.features_path is not None:
+            fmeta = load_metadata(self.features_path)
+            _check_kind(self.features_path, ModelInfo.from_metadata(self.features_path, fmeta).graph,
+                        "features")
+            _check_pair(self.key_path, self.meta, self.features_path, fmeta)
+            self.features_backend = open_backend(self.features_path, self.backend, threads,
+                                                 output_names(fmeta))
+
+    def key(self, batch: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        out = self.key_backend.run(to_input(batch, "float32"))
+        return tuple(torch.from_numpy(np.ascontiguousarray(out[k])) for k in RAW_KEYS)
+
+    def features(self, batch: Tensor) -> Tensor:
+        if self.features_backend is None:
+            raise MobileInstError(f"{self.key_path}: kernel reuse (reuse > 1) needs the features "
+                                  f"file too (mobileinst export --format {self.backend} --part features)")
+        out = self.features_backend.run(to_input(batch, "float32"))
+        return torch.from_numpy(np.ascontiguousarray(out["mask_features"]))
 
 
 def _check_kind(path: Path, kind: str, want: str) -> None:
@@ -176,9 +222,17 @@ class VideoPredictor(Described):
                      threads: int | None = None, features: str | Path | None = None,
                      **kwargs) -> "VideoPredictor":
         """A .pt checkpoint (torch, or onnxruntime: exported once to NAME.cache.onnx and, for
-        reuse > 1, NAME.cache-features.onnx beside it) or a key-frame .onnx plus `features`.
-        The backend checks are image prediction's (`factory.check_backend`)."""
+        reuse > 1, NAME.cache-features.onnx beside it), a key-frame .onnx plus `features`, or for
+        openvino / ncnn / executorch / litert a file of `mobileinst export --format F` plus the
+        `--part features` file. The backend checks are image prediction's (`factory.check_backend`)."""
         is_onnx = check_backend(weights, backend, VIDEO_BACKENDS)
+        if backend in RUNTIME_BACKENDS:
+            cpu_only(backend, device)
+            if kwargs.get("reuse", 1) > 1 and features is None:
+                raise MobileInstError(f"{weights}: --reuse > 1 needs the features file as well "
+                                      f"(--features, from mobileinst export --format {backend} "
+                                      "--part features)")
+            return cls(RuntimeVideoNet(weights, features, backend, threads or 1), **kwargs)
         if backend == "torch":
             if features is not None:
                 raise MobileInstError("--features (an ONNX features graph) needs --backend onnxruntime")

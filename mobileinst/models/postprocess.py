@@ -74,6 +74,8 @@ def upsample_masks(mask_prob: Tensor, padded_size: tuple[int, int], image_size: 
     """(K, h4, w4) probabilities -> (K, H0, W0): to the padded input, crop the image, to the original.
     The last resize is skipped when the image was not resized: bilinear to the same size is the
     identity (weights exactly 1 and 0), so the result is bit-identical and ~40% cheaper (tested)."""
+    if len(mask_prob) == 0:  # F.interpolate rejects an empty channel dimension
+        return mask_prob.new_zeros((0, *orig_size))
     m = F.interpolate(mask_prob[None], size=padded_size, mode="bilinear", align_corners=False)
     m = m[:, :, : image_size[0], : image_size[1]]
     if tuple(orig_size) != tuple(m.shape[-2:]):

@@ -21,8 +21,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("track", help="video instance segmentation: overlay mp4 + YouTube-VIS json")
     from ..export.command import add_backend_option
     p.add_argument("--weights", required=True,
-                   help="a .pt checkpoint, or with --backend onnxruntime the key-frame .onnx (raw "
-                        "outputs) from `mobileinst export`")
+                   help="a .pt checkpoint, or the key-frame file (raw outputs) from `mobileinst "
+                        "export`: an .onnx for onnxruntime, a --format openvino|ncnn|executorch|"
+                        "litert file for that backend")
     p.add_argument("--source", required=True, help="a video file, a folder of frames, or a glob")
     p.add_argument("--out-dir", required=True, help="folder for <name>.mp4, results.json, summary.json")
     p.add_argument("--reuse", type=int, default=1,
@@ -36,10 +37,11 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: CUDA when available)")
     p.add_argument("--video", action=argparse.BooleanOptionalAction, default=True,
                    help="write the overlay mp4 (default on); --no-video writes the json only")
-    add_backend_option(p, backends=("torch", "onnxruntime"))  # the tracker's two VideoNets
+    add_backend_option(p)  # every backend has a VideoNet (infer/video.py)
     p.add_argument("--features", default=None,
-                   help="onnxruntime with an .onnx --weights and --reuse > 1: the features graph of "
-                        "the same model (export_onnx(..., part='features')); a .pt exports both "
-                        "graphs once, cached as NAME.cache.onnx and NAME.cache-features.onnx")
+                   help="with an exported --weights and --reuse > 1: the features file of the same "
+                        "model and format (mobileinst export --part features); with onnxruntime a "
+                        ".pt exports both graphs once, cached as NAME.cache.onnx and "
+                        "NAME.cache-features.onnx")
     add_cfg_option(p, "track")
     p.set_defaults(func=cmd_track)

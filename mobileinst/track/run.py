@@ -69,7 +69,7 @@ def track_source(weights: str | Path | VideoPredictor, source: str | Path, out_d
     video_path = out / f"{frames.name}.mp4"
     writer = Mp4Writer(video_path, frames.fps) if save_video else None
     summary = {"source": str(source), "frames_done": 0, "frames_total": frames.length,
-               "complete": False, "backend": "torch" if vp.model is not None else "onnxruntime",
+               "complete": False, "backend": vp.net.backend,
                "reuse": vp.reuse, "conf": vp.tracker.cfg.start_score,
                "patience": vp.tracker.cfg.patience, "imgsz": vp.imgsz,
                "video": str(video_path) if save_video else None, "results": str(out / "results.json")}
