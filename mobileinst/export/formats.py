@@ -76,12 +76,12 @@ def openvino_ir(graph: nn.Module, x: torch.Tensor):
     import openvino as ov
     ir = ov.convert_model(graph, example_input=x, input=[tuple(x.shape)])
     ir.inputs[0].get_tensor().set_names({INPUT_NAME})
-    for port, name in zip(ir.outputs, output_names(graph)):
+    for port, name in zip(ir.outputs, graph_outputs(graph)):
         port.get_tensor().set_names({name})
     return ir
 
 
-def output_names(graph: nn.Module) -> tuple[str, ...]:
+def graph_outputs(graph: nn.Module) -> tuple[str, ...]:
     """The outputs of an export module, in order: the raw network's four, or mask_features."""
     return tuple(FEATURES_OUTPUTS if isinstance(graph, FeaturesGraph) else RAW_OUTPUTS)
 

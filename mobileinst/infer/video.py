@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ..errors import MobileInstError
-from ..export.onnx import ExportGraph, FeaturesGraph
+from ..export.onnx import RAW_OUTPUTS, ExportGraph, FeaturesGraph
 from ..models.mobileinst import MobileInst
 from ..models.postprocess import binary_masks, kernel_mask_logits, maskness
 from ..track.results import TrackedFrame
@@ -48,7 +48,7 @@ from .ort import open_session
 from .preprocess import prediction_sizes, prepare, to_input
 from .runtimes import load_metadata, open_backend, output_names
 
-RAW_KEYS = ("logits", "objectness", "kernels", "mask_features")  # what `VideoNet.key` returns
+RAW_KEYS = tuple(RAW_OUTPUTS)  # logits, objectness, kernels, mask_features: what `VideoNet.key` returns
 
 
 # -- the network, behind two calls -------------------------------------------------------------
@@ -102,9 +102,7 @@ class OnnxVideoNet:
         self.features_session = None
         if self.features_path is not None:
             self.features_session, fmeta = open_session(features_path, threads)
-            _check_kind(self.features_path, ModelInfo.from_metadata(self.features_path, fmeta).graph,
-                        "features")
-            _check_pair(self.key_path, self.meta, self.features_path, fmeta)
+            _check_features(self.key_path, self.meta, self.features_path, fmeta)
         if self.info.input.batch not in (None, 1):
             raise MobileInstError(f"{self.key_path}: a graph for batches of {self.info.input.batch}; "
                                   "tracking runs one frame at a time (export with batch 1 or --dynamic)")
@@ -141,9 +139,7 @@ class RuntimeVideoNet:
         self.features_backend = None
         if self.features_path is not None:
             fmeta = load_metadata(self.features_path)
-            _check_kind(self.features_path, ModelInfo.from_metadata(self.features_path, fmeta).graph,
-                        "features")
-            _check_pair(self.key_path, self.meta, self.features_path, fmeta)
+            _check_features(self.key_path, self.meta, self.features_path, fmeta)
             self.features_backend = open_backend(self.features_path, self.backend, threads,
                                                  output_names(fmeta))
 
@@ -173,8 +169,10 @@ def _check_kind(path: Path, kind: str, want: str) -> None:
                           "(export_onnx(..., part='features'))")
 
 
-def _check_pair(key_path: Path, key: dict[str, str], feat_path: Path, feat: dict[str, str]) -> None:
-    """MobileInstError unless both graphs come from the same model and take the same input."""
+def _check_features(key_path: Path, key: dict[str, str], feat_path: Path, feat: dict[str, str]) -> None:
+    """MobileInstError unless `feat_path` is a features graph from the same model as the key-frame
+    graph, taking the same input."""
+    _check_kind(feat_path, ModelInfo.from_metadata(feat_path, feat).graph, "features")
     for k in ("model_config", "source_sha256", "input_dtype", "input_size", "dynamic"):
         if key.get(k) != feat.get(k):
             raise MobileInstError(f"{feat_path} does not match {key_path}: different {k} (export "
