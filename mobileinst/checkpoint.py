@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from .errors import CheckpointError
 from .models.mobileinst import MobileInst
 from .registry import ModelConfig
+from .utils import temp_file_beside
 
 FORMAT_VERSION = 2  # 2: RNG state as tensors / plain values (loads with weights_only=True)
 # What a format-1 file's pickled NumPy RNG state needs; array reconstruction runs no user code.
@@ -38,7 +38,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({**state, "format_version": FORMAT_VERSION}, f)

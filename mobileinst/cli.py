@@ -53,16 +53,17 @@ def cmd_data(args: argparse.Namespace) -> None:
         check_range("--n-val", args.n_val, 1, 10**6)
         if args.video and args.preset != "demo":
             raise MobileInstError(f"--preset {args.preset} has no video version; drop --video or --preset")
+        from .utils import write_new_files  # never over files of the user's (--exist-ok: beside them)
         if args.video:
             from .data.synthetic_video import make_synthetic_ytvis
-            path = make_synthetic_ytvis(args.out, seed=args.seed)
+            path = write_new_files(args.out, lambda d: make_synthetic_ytvis(d, seed=args.seed), args.exist_ok)
         else:
             kw = {k: v for k, v in (("n_train", args.n_train), ("n_val", args.n_val)) if v}
             if args.preset == "hard":
                 from .data.synthetic_hard import make_hard_coco as make
             else:
                 from .data.synthetic import make_synthetic_coco as make
-            path = make(args.out, seed=args.seed, **kw)
+            path = write_new_files(args.out, lambda d: make(d, seed=args.seed, **kw), args.exist_ok)
         print(f"wrote {path}")
     elif args.data_command == "voc2coco":
         from .data.voc import voc_to_coco
@@ -77,6 +78,11 @@ TRAIN_OPTIONS = {  # CLI option -> (type, help); every one maps onto a TrainConf
     "out_dir": (str, "run folder (default runs/train/expN)"),
     "iters": (int, "total iterations (overrides --epochs); with --resume, a larger value extends the run"),
     "epochs": (int, "epochs (default 12)"),
+    "time": (float, "wall-clock training budget in MINUTES (replaces --iters/--epochs): the lr "
+                    "schedule is fitted to it, the run evaluates and saves when it is spent; "
+                    "with --resume, a larger value extends the run"),
+    "schedule": (str, "lr decay after the warm-up: step (x0.1 at 78%% and 93%% of the run, the "
+                      "paper's) or linear (to zero at the end; default step)"),
     "imgsz": (int, "largest training short side and the evaluation size (default 640)"),
     "batch": (int, "images per iteration over all workers (default 16)"),
     "workers": (int, "data-loading processes per worker (default 2)"),
@@ -85,7 +91,12 @@ TRAIN_OPTIONS = {  # CLI option -> (type, help); every one maps onto a TrainConf
     "weight_decay": (float, "AdamW weight decay (default 0.05)"),
     "warmup_iters": (int, "linear warm-up iterations (default 1000, capped at a quarter of the run)"),
     "grad_clip": (float, "max gradient norm, 0 = off"),
-    "eval_interval": (int, "iterations between evaluations (default: once per epoch)"),
+    "eval_interval": (int, "iterations between evaluations (default: once per epoch; with --time "
+                           "only at the end)"),
+    "log_interval": (int, "iterations between loss rows in results.csv (default 50)"),
+    "freeze_at": (int, "fix the backbone's first levels, run without gradient: 1 = stride 2, "
+                       "2 = up to stride 4 (detectron2's FREEZE_AT), ... (mobilenetv2; default 0)"),
+    "ema_tau": (int, "EMA ramp in updates (default 2000; short runs: ~100)"),
     "save_interval": (int, "iterations between last.pt saves (default: the eval interval)"),
     "backbone_weights": (str, "'imagenet' (MobileNetV2: the installed torchvision file, sha256-checked) or the path of an official ImageNet checkpoint (loaded strictly)"),
     "device": (str, "auto | cpu | cuda | cuda:N (default auto: CUDA when available)"),
@@ -148,7 +159,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)  # a PredictConfig: --cfg file, then the given options
     summary = predict_source(cfg.weights, cfg.source, cfg.out_dir, conf=cfg.conf,
                              imgsz=cfg.imgsz, device=cfg.device, backend=cfg.backend,
-                             save_overlays=cfg.overlays, threads=cfg.threads)
+                             save_overlays=cfg.overlays, threads=cfg.threads, exist_ok=cfg.exist_ok)
     skipped = summary["skipped_files"]
     names = f": {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}" if skipped else ""
     print(f"{summary['images']} images, {summary['instances']} instances "
@@ -205,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-train", type=int, default=None, help="training images/videos (default: the preset's)")
     s.add_argument("--n-val", type=int, default=None, help="validation images/videos (default: the preset's)")
     s.add_argument("--seed", type=int, default=0, help="random seed of the generator (default 0)")
+    s.add_argument("--exist-ok", action="store_true", help="write into a folder that holds files "
+                   "mobileinst did not write (refused by default); they are never replaced")
     s = dsub.add_parser("voc2coco", help="Pascal VOC / SBD instance masks -> COCO json")
     s.add_argument("--voc-root", required=True, help="folder with JPEGImages, SegmentationObject, SegmentationClass")
     s.add_argument("--out", required=True, help="COCO json to write")
@@ -241,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_backend_option(p)
     p.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=True,
                    help="draw overlays/ (default on); --no-overlays writes the json only")
+    p.add_argument("--exist-ok", action="store_true", help="replace the predictions.json an earlier "
+                   "predict left in --out-dir (refused by default)")
     add_cfg_option(p, "predict")
     p.set_defaults(func=cmd_predict)
 

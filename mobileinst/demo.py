@@ -55,7 +55,7 @@ def run_demo(out: str | Path = "runs/demo", fast: bool = False, seed: int = 0) -
     ap = evaluate_coco(gt, results).AP  # pycocotools on the saved json, as a user would
 
     step("4/5 predicting on the val images")
-    summary = predict_source(weights, data.parent / "val", out / "predict")
+    summary = predict_source(weights, data.parent / "val", out / "predict", exist_ok=True)  # the demo owns it
 
     step("5/5 tracking a synthetic video with the image model (kernel association, reuse K=1)")
     video = track_demo(weights, out)

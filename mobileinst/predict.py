@@ -25,7 +25,7 @@ from .infer.factory import load_predictor
 from .infer.predictor import Predictor
 from .infer.results import result_records
 from .train.run_dir import claim_new_run_dir  # runs/predict/expN, claimed atomically as training's
-from .utils import IMGSZ_RANGE, write_json
+from .utils import IMGSZ_RANGE, folder_lock, write_json
 from .viz import color, draw_instances, save_rgb
 
 log = logging.getLogger("mobileinst.predict")
@@ -118,7 +118,7 @@ def overlay_names(files: list[Path], root: Path) -> dict[Path, Path]:
 def predict_source(weights: str | Path, source: str | Path, out_dir: str | Path | None = None,
                    conf: float = 0.3, imgsz: int | None = None, device: str = "cpu",
                    backend: str = "torch", save_overlays: bool = True,
-                   threads: int | None = None) -> dict:
+                   threads: int | None = None, exist_ok: bool = False) -> dict:
     """`mobileinst predict`: an overlay per image and predictions.json for every image of source.
 
     Overlays go to out_dir/overlays/, named by the image's path relative to the source folder
@@ -128,13 +128,26 @@ def predict_source(weights: str | Path, source: str | Path, out_dir: str | Path 
     (`overlay_names`). The options are checked (`check_predict_options`) and out_dir is created
     and probed for writing before the model is loaded; each is a MobileInstError naming it.
     Unreadable images are skipped with a warning naming each; the summary lists them
-    (`skipped_files`).
+    (`skipped_files`). out_dir is locked while this runs (a second predict into it is refused) and
+    a predictions.json already there, an earlier run's, is replaced only when `exist_ok`.
 
     backend "onnxruntime" takes an .onnx from `mobileinst export`, or a .pt that is exported once
     to a cached .onnx beside it (same results as "torch")."""
     check_predict_options(conf, imgsz, threads)
     files = list_sources(source)  # fail on a bad source before loading anything
     out = prepare_out_dir(Path(out_dir) if out_dir else claim_new_run_dir("runs/predict"), save_overlays)
+    with folder_lock(out, "output folder (--out-dir)"):
+        if (out / "predictions.json").exists() and not exist_ok:
+            raise MobileInstError(f"{out}: holds the predictions.json of an earlier predict; "
+                                  "--exist-ok replaces it, or choose another --out-dir")
+        return _predict_files(weights, files, source, out, conf, imgsz, device, backend,
+                              save_overlays, threads)
+
+
+def _predict_files(weights: str | Path, files: list[Path], source: str | Path, out: Path,
+                   conf: float, imgsz: int | None, device: str, backend: str, save_overlays: bool,
+                   threads: int | None) -> dict:
+    """predict_source's work once its options are checked and `out` is claimed."""
     names = overlay_names(files, source_root(source))
     predictor = load_predictor(weights, backend=backend, imgsz=imgsz, conf=conf, device=device,
                                threads=threads)

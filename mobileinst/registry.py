@@ -28,9 +28,19 @@ class ModelConfig:
     ffn_dim: int = 256
     num_queries: int = 100  # N (reproduction config)
     local_pool: int = 8  # F_mask (stride 8) max-pooled by 8 -> 1/64 of the input (paper)
-    mask_upsample: int = 2  # stride-8 masks -> stride 4 (SparseInst SCALE_FACTOR)
+    mask_upsample: int = 2  # mask logits -> stride 4 (SparseInst SCALE_FACTOR 2 from stride 8; 1 from 4)
+    mask_stride: int = 8  # M's stride: 8 (paper), or 4 with a lateral from the backbone's stride-4 stage
     mask_pooled_cls: bool = False  # add class logits from M pooled under each query's mask (README)
     aux_loss: bool = False  # training only: the global layer's queries predict too (deep supervision)
+    query_groups: int = 1  # training only: G copies of the queries, each matched on its own (Group DETR)
+    query_proposal: bool = False  # queries taken from the image at its top-k class peaks (FastInst)
+
+    def __post_init__(self) -> None:
+        if self.mask_stride not in (4, 8) or self.mask_stride != 4 * self.mask_upsample:
+            raise MobileInstError(f"{self.name}: mask_stride must be 8 (mask_upsample 2) or 4 "
+                                  f"(mask_upsample 1), got {self.mask_stride} / {self.mask_upsample}")
+        if self.query_groups < 1:
+            raise MobileInstError(f"{self.name}: query_groups must be >= 1, got {self.query_groups}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +70,8 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
     """The named config, with fields overridden (e.g. num_classes=3)."""
     if name not in MODELS:
         raise MobileInstError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
+    if "mask_stride" in overrides and "mask_upsample" not in overrides:  # one implies the other
+        overrides = {**overrides, "mask_upsample": max(1, int(overrides["mask_stride"]) // 4)}
     try:
         return replace(MODELS[name], **overrides)
     except TypeError as e:

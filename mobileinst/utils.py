@@ -1,12 +1,16 @@
 """Small file helpers shared by the CLI jobs."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import shutil
+import stat
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from .errors import MobileInstError
 
@@ -15,7 +19,7 @@ def write_json(path: str | Path, obj: Any) -> Path:
     """Write JSON atomically (temp file + rename): an interrupted write never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f)
@@ -24,6 +28,26 @@ def write_json(path: str | Path, obj: Any) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def temp_file_beside(path: Path) -> tuple[int, str]:
+    """(fd, name) of a new temporary file in `path`'s folder, to be renamed over `path` (atomic
+    writes). It gets the mode a plain open() would leave: the mode of the file it replaces, or
+    0666 & ~umask for a new one (mkstemp's own 0600 would hide exports from other users)."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        mode = 0o666 & ~current_umask()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, mode)
+    return fd, tmp
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def file_sha256(path: str | Path) -> str:
@@ -77,12 +101,15 @@ def resolve_device(name: str | None) -> "torch.device":
     return torch.device(name)
 
 
-def check_output_file(path: str | Path, what: str = "output file") -> Path:
-    """`path` can be written as a file: not a folder, its folder creatable and writable.
-    MobileInstError before any work otherwise; nothing is created."""
+def check_output_file(path: str | Path, what: str = "output file",
+                      inputs: dict[str, str | Path | None] | None = None) -> Path:
+    """`path` can be written as a file: not a folder, not one of the command's `inputs` (option
+    -> path: writing would replace it), its folder creatable and writable. MobileInstError before
+    any work otherwise; nothing is created."""
     path = Path(path)
     if path.is_dir():
         raise MobileInstError(f"{path}: the {what} is an existing folder")
+    check_not_input(path, what, inputs or {})
     parent = next((p for p in path.parents if p.exists()), Path("."))
     if not parent.is_dir():
         raise MobileInstError(f"{path}: the {what} cannot be created ({parent} is a file)")
@@ -102,6 +129,102 @@ def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise MobileInstError(f"{path}: the {what} is not writable ({parent} is read-only)")
     return path
+
+
+def check_not_input(path: str | Path, what: str, inputs: dict[str, str | Path | None]) -> None:
+    """MobileInstError when the output `path` is one of the command's `inputs` (option -> path;
+    None: not given), which writing it would replace."""
+    for option, source in inputs.items():
+        if source and same_file(path, source):
+            raise MobileInstError(f"{path}: the {what} is the {option} file this command reads; "
+                                  "writing it would replace it, so choose another path")
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Both paths name one existing file (also through links or another spelling)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, what: str) -> Iterator[None]:
+    """An exclusive flock on the folder itself while a command writes into it (nothing is created
+    there); a second command writing into it meanwhile gets a MobileInstError naming `what`. The
+    kernel drops the lock when the process dies. Where the file system has no flock, no lock."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MobileInstError(f"{folder}: another command is writing into this {what}; wait "
+                                  "for it or choose another one") from None
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
+# What mobileinst wrote into a folder the user named (`write_new_files`): relative paths, json.
+WRITTEN_MANIFEST = ".mobileinst-files.json"
+_STAGE_PREFIX = ".mobileinst-stage-"
+
+
+def write_new_files(out: str | Path, write: Callable[[Path], Path], exist_ok: bool = False,
+                    what: str = "output folder (--out)") -> Path:
+    """Run `write(stage)` into a fresh hidden folder inside `out`, then move its files into `out`
+    and record them in `out`/WRITTEN_MANIFEST; return write's path moved into `out`.
+
+    A file of `out` that mobileinst did not write (not in the manifest) is never replaced or
+    removed: `out` holding any is refused before any work unless `exist_ok`, and with `exist_ok`
+    the files are moved only when none would replace one (else refused, nothing moved)."""
+    out = Path(out)
+    owned = written_files(out)
+    foreign = next(_foreign_files(out, owned), None)
+    if foreign is not None and not exist_ok:
+        raise MobileInstError(f"{out}: the {what} holds files mobileinst did not write (e.g. "
+                              f"{foreign}); choose a new or empty folder, or add --exist-ok to "
+                              "write beside them (they are never replaced)")
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=_STAGE_PREFIX, dir=out))
+    try:
+        result = write(stage)
+        new = sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if not p.is_dir())
+        clash = [n for n in new if os.path.lexists(out / n) and (n not in owned or (out / n).is_dir())]
+        if clash:
+            raise MobileInstError(f"{out / clash[0]}: not written by mobileinst, and this command "
+                                  f"would replace it ({len(clash)} such file(s)); nothing was "
+                                  "written: choose another folder")
+        write_json(out / WRITTEN_MANIFEST, sorted(owned | set(new)))
+        for name in new:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage / name, out / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # our own staging folder only
+    return out / result.relative_to(stage)
+
+
+def written_files(folder: Path) -> set[str]:
+    """The relative paths `write_new_files` recorded writing into `folder` (none: empty)."""
+    try:
+        names = json.loads((folder / WRITTEN_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return set()
+    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
+
+
+def _foreign_files(folder: Path, owned: set[str]) -> Iterator[str]:
+    """Files (and links) under `folder` that are not in `owned`, lazily; folders do not count,
+    nor the manifest or a killed run's staging folder."""
+    for root, dirs, files in os.walk(folder):
+        if Path(root) == folder:
+            dirs[:] = [d for d in dirs if not d.startswith(_STAGE_PREFIX)]
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            rel = os.path.relpath(os.path.join(root, name), folder)
+            if rel not in owned and rel != WRITTEN_MANIFEST:
+                yield rel
 
 
 def check_range(option: str, value: float | int | None, low: float, high: float) -> None:

@@ -47,6 +47,7 @@ class PredictConfig:
     backend: str = "torch"
     threads: int | None = None
     overlays: bool = True
+    exist_ok: bool = False
 
 
 @dataclass

@@ -74,7 +74,7 @@ def test_resume_extends_a_finished_run_and_cleans_a_killed_save(data, tmp_path):
     assert result["iterations"] == 4 and not stale.exists()
     assert [r["iteration"] for r in _rows(out)] == ["2", "4"]
     ckpt = load_checkpoint(out / "weights" / "last.pt")
-    assert ckpt["train_config"]["iters"] == 4 and ckpt["scheduler"]["last_epoch"] == 4
+    assert ckpt["train_config"]["iters"] == 4 and ckpt["iteration"] == 4 and ckpt["scheduler"]["kind"] == "step"
 
 
 def test_format_1_checkpoint_still_resumes(data, tmp_path):

@@ -6,10 +6,11 @@ Every problem is ONE line naming the file and the entry, e.g.
 
 The json checks are one pass of cheap Python tests (860k COCO-like annotations: ~10 s on one slow
 shared core, 1.3x the reader's earlier checks; json.load of such a file takes longer): types and ranges of every field the reader or the evaluator uses, ids that refer to
-existing entries, duplicate ids, image file names that stay inside the image folder, and
-segmentations: polygons are lists of numbers, an RLE's `size` is its image's [h, w] and its runs
-(uncompressed list, or the compressed string decoded here) are non-negative and cover exactly
-h x w pixels. `bbox` is not read anywhere (masks give areas and boxes), so it is not checked.
+existing entries, duplicate ids, image file names that stay inside the image folder, image
+sizes (at most MAX_SIDE a side and MAX_PIXELS in all), and segmentations: polygons are lists of
+numbers within one image size of their image (so pycocotools' C code never sees a far-off one),
+an RLE's `size` is its image's [h, w] and its runs (uncompressed list, or the compressed string
+decoded here) are non-negative and cover exactly h x w pixels. `bbox` is not read anywhere (masks give areas and boxes), so it is not checked.
 
 Images: a JPEG must have its end-of-image marker after the image data and a PNG its IEND chunk
 (`image_file_problem`, a few bytes read in the usual case), so a truncated file is refused instead
@@ -36,6 +37,10 @@ _KINDS = {str: "a string", int: "an int", float: "a float", bool: "a bool", list
           dict: "an object"}
 _PLURAL = {"image": "images", "annotation": "annotations", "category": "categories",
            "video": "videos"}
+# Sizes and coordinates that reach C code (pycocotools' RLE, OpenCV) are bounded first: a polygon
+# at 1e9 px crashed pycocotools (SIGSEGV) and one at 1e8 px took 11 GB in it.
+MAX_SIDE = 65535  # pixels: the largest side a JPEG can have
+MAX_PIXELS = 1 << 30  # the largest image OpenCV reads (CV_IO_MAX_IMAGE_PIXELS)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _PARTS = re.compile(r"[\\/]")
 
@@ -118,6 +123,21 @@ def file_name_problem(name: Any, root: str | Path | None = None) -> str | None:
     return None
 
 
+def image_size_problem(item: dict) -> str | None:
+    """Why an image's (or video's) height / width is unusable, or None: positive ints (integral
+    floats count) of at most MAX_SIDE pixels and MAX_PIXELS in all."""
+    for key in ("height", "width"):
+        value = item.get(key, _MISSING)
+        if not is_positive_int(value):
+            return f"{key} must be a positive int, got {shown(value)}"
+        if value > MAX_SIDE:
+            return f"{key} {value} is over {MAX_SIDE} pixels (the largest side an image can have here)"
+    if item["height"] * item["width"] > MAX_PIXELS:
+        return (f"height x width {int(item['height'])} x {int(item['width'])} is over {MAX_PIXELS} "
+                "pixels (the largest image OpenCV reads)")
+    return None
+
+
 def check_images(path: str | Path, images: list, root: str | Path | None = None
                  ) -> dict[int, tuple[int, int]]:
     """Image id -> (height, width); unique int ids, positive sizes, safe relative file names."""
@@ -128,10 +148,7 @@ def check_images(path: str | Path, images: list, root: str | Path | None = None
             fail(path, where, f"must be an object, got {shown(im)}")
         if not is_int(im.get("id", _MISSING)):
             fail(path, where, f"id must be an int, got {shown(im.get('id', _MISSING))}")
-        for key in ("height", "width"):
-            if not is_positive_int(im.get(key, _MISSING)):
-                fail(path, where, f"{key} must be a positive int, got {shown(im.get(key, _MISSING))}")
-        problem = file_name_problem(im.get("file_name", _MISSING), root)
+        problem = image_size_problem(im) or file_name_problem(im.get("file_name", _MISSING), root)
         if problem:
             fail(path, where, problem)
         if im["id"] in sizes:
@@ -205,7 +222,7 @@ def check_segmentation(seg: Any, hw: tuple[int, int], image: str) -> tuple[str |
     types, bad RLE sizes and RLE runs that do not cover the image are problems. `image` names the
     image (or video) for the size message."""
     if type(seg) is list and seg:
-        return _check_polygons(seg)
+        return _check_polygons(seg, hw, image)
     if seg is None or (isinstance(seg, (list, dict)) and not seg):
         return None, True
     if isinstance(seg, dict):
@@ -214,8 +231,9 @@ def check_segmentation(seg: Any, hw: tuple[int, int], image: str) -> tuple[str |
             f"got {shown(seg)}"), False
 
 
-def _check_polygons(seg: list) -> tuple[str | None, bool]:
+def _check_polygons(seg: list, hw: tuple[int, int], image: str) -> tuple[str | None, bool]:
     usable = False
+    h, w = hw
     for k, poly in enumerate(seg):
         if type(poly) is not list:
             return (f"segmentation must be a list of polygons ([[x1, y1, x2, y2, ...], ...]), "
@@ -227,6 +245,10 @@ def _check_polygons(seg: list) -> tuple[str | None, bool]:
             return f"polygon {k} of the segmentation has a coordinate that is not a number", False
         if not area < math.inf:  # NaN or infinite coordinates
             return f"polygon {k} of the segmentation has a NaN or infinite coordinate", False
+        if x and y and not (-w <= min(x) and max(x) <= 2 * w and -h <= min(y) and max(y) <= 2 * h):
+            return (f"polygon {k} of the segmentation reaches x {min(x)}..{max(x)}, y "
+                    f"{min(y)}..{max(y)}, far outside {image} ({w} wide, {h} high); coordinates must lie "
+                    "within one image size of it"), False
         usable = usable or (area > 0 and len(poly) >= 6 and not len(poly) % 2)
     return None, not usable
 

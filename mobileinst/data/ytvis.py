@@ -36,7 +36,7 @@ from .coco import Transform, decode_segmentation, is_degenerate, read_json, read
 from .loader import collate
 from .transforms import nonempty
 from .validate import (UnreadableImages, check_categories, check_iscrowd, check_segmentation, entry,
-                       fail, file_name_problem, is_positive_int, shown)
+                       fail, file_name_problem, image_size_problem)
 
 log = logging.getLogger("mobileinst.data")
 
@@ -91,9 +91,9 @@ class YtvisClips(Dataset):
 
     def _check_video(self, index: int, video: dict) -> None:
         where = entry("video", index, video)
-        for key in ("height", "width"):
-            if not is_positive_int(video[key]):
-                fail(self.json_path, where, f"{key} must be a positive int, got {shown(video[key])}")
+        problem = image_size_problem(video)
+        if problem:
+            fail(self.json_path, where, problem)
         if not isinstance(video.get("file_names"), list):
             raise DataError(f"{self.json_path}: {video_name(video)} has no 'file_names' list")
         for t, name in enumerate(video["file_names"]):

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Iterable
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from ..data.validate import check_annotation, check_categories, check_images, check_segmentation
 from ..errors import DataError, MobileInstError
 
 log = logging.getLogger("mobileinst.eval")
@@ -74,10 +75,12 @@ def segmentation_to_rle(segm: Any, height: int, width: int, where: str) -> dict 
                 raise DataError(f"{where}: mask size {list(segm['size'])} is not the image size "
                                 f"{[height, width]}")
             if isinstance(segm["counts"], list):  # uncompressed RLE
+                check_before_c(segm, height, width, where)
                 return mask_utils.frPyObjects(segm, height, width)
             if isinstance(segm["counts"], (str, bytes)):
                 return segm
         elif isinstance(segm, list) and segm and all(isinstance(p, list) for p in segm):
+            check_before_c(segm, height, width, where)
             return mask_utils.merge(mask_utils.frPyObjects(segm, height, width))  # polygons
     except DataError:
         raise
@@ -85,6 +88,15 @@ def segmentation_to_rle(segm: Any, height: int, width: int, where: str) -> dict 
         raise DataError(f"{where}: unreadable segmentation ({e})") from None
     raise DataError(f"{where}: segmentation must be an RLE {{size, counts}} or a list of polygons, "
                     f"got {type(segm).__name__}")
+
+
+def check_before_c(segm: list | dict, height: int, width: int, where: str) -> None:
+    """The dataset validator's check of polygons (numbers, coordinates within one image size of
+    the image) or an uncompressed RLE (runs covering the image) before pycocotools' C code reads
+    them: far-off coordinates crashed it (SIGSEGV). DataError naming `where`."""
+    problem, _ = check_segmentation(segm, (height, width), "the image")
+    if problem:
+        raise DataError(f"{where}: {problem}")
 
 
 # -- metrics ------------------------------------------------------------------------------------
@@ -231,26 +243,23 @@ def _load_gt(gt):
 
 
 def _check_gt(data: Any, name: str) -> None:
-    """Required keys and per-annotation fields; fills COCO's defaults (iscrowd 0, area from mask)."""
+    """The dataset validator's checks (data/validate.py, as training's: types, ranges, ids, sizes,
+    segmentations) and what evaluation needs (annotation ids, masks); fills COCO's defaults
+    (iscrowd 0, area from the mask)."""
     if not isinstance(data, dict):
         raise DataError(f"{name}: a COCO annotation file is a json object, got {type(data).__name__}")
     for key in ("images", "categories", "annotations"):
         if not isinstance(data.get(key), list):
             hint = " (an image-info file without labels cannot be evaluated)" if key == "annotations" else ""
             raise DataError(f"{name}: no '{key}' list{hint}")
-    try:
-        sizes = {img["id"]: (int(img["height"]), int(img["width"])) for img in data["images"]}
-        cat_ids = {c["id"] for c in data["categories"]}
-    except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{name}: every image needs id/height/width and every category an id ({e})") from None
-    for ann in data["annotations"]:
+    check_categories(name, data["categories"])
+    sizes = check_images(name, data["images"])
+    cat_ids, seen = {c["id"] for c in data["categories"]}, set()
+    for i, ann in enumerate(data["annotations"]):
         where = f"{name}: annotation {ann.get('id') if isinstance(ann, dict) else ann!r}"
         if not isinstance(ann, dict) or "id" not in ann:
             raise DataError(f"{where}: not an object with an 'id'")
-        if as_id(ann.get("image_id")) not in sizes:
-            raise DataError(f"{where}: image id {ann.get('image_id')!r} is not in 'images'")
-        if as_id(ann.get("category_id")) not in cat_ids:
-            raise DataError(f"{where}: category id {ann.get('category_id')!r} is not in 'categories'")
+        check_annotation(name, i, ann, sizes, cat_ids, seen)
         segm = ann.get("segmentation")
         if not segm or not isinstance(segm, (dict, list)):
             raise DataError(f"{where}: no 'segmentation' polygons or RLE (mask AP needs masks)")

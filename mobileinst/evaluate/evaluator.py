@@ -105,8 +105,9 @@ def validate(weights: str, data: str, out: str | None = None, imgsz: int | None 
     check_range("--imgsz", imgsz, *IMGSZ_RANGE)
     check_range("--threads", threads, 1, 1024)
     dev = resolve_device(device)
-    if out:
-        check_output_file(out, "results json (--out)")
+    if out:  # never over an input of this command
+        inputs = {"--weights": weights, "--data": data, "val json": load_data_config(data).val.json}
+        check_output_file(out, "results json (--out)", inputs)
     if backend != "torch":
         return validate_onnxruntime(weights, data, out, imgsz, threads, backend)
     if threads:

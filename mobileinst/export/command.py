@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> None:
 
 def check_export_options(args: argparse.Namespace) -> None:
     """Sizes, counts and the output path, before a model is loaded."""
-    from ..utils import IMGSZ_RANGE, check_output_dir, check_output_file, check_range
+    from ..utils import IMGSZ_RANGE, check_not_input, check_output_dir, check_output_file, check_range
     for v in args.imgsz or []:
         check_range("--imgsz", v, *IMGSZ_RANGE)
     check_range("--batch", args.batch, 1, 1024)
@@ -162,6 +162,8 @@ def check_export_options(args: argparse.Namespace) -> None:
                                   "folder of real images")
     if args.out:  # ncnn writes a folder, the others a file
         (check_output_dir if args.format == "ncnn" else check_output_file)(args.out, "export output (--out)")
+    check_not_input(args.out or default_out(args), "export output (--out)",  # the default too
+                    {"--weights": args.weights, "--calib": args.calib})
 
 
 def describe(path: str | Path) -> str:

@@ -106,7 +106,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -120,6 +119,7 @@ from .. import __version__
 from ..errors import MobileInstError
 from ..models.mobileinst import PIXEL_MEAN, PIXEL_STD
 from ..models.postprocess import InferenceConfig, maskness, query_scores
+from ..utils import temp_file_beside
 from .fuse import fuse_conv_bn
 
 log = logging.getLogger("mobileinst.export")
@@ -593,7 +593,7 @@ def save_atomic(proto, out: Path) -> None:
     """onnx.save to a temporary file in the same folder, then rename over `out`."""
     import onnx
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    fd, tmp = temp_file_beside(out)
     os.close(fd)
     try:
         onnx.save(proto, tmp)

@@ -18,24 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .ops import sine_position_encoding
+from .query_proposal import QueryProposal
 
-def sine_position_encoding(x: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
-    """DETR's normalised 2-D sine encoding for a map x (B, C, H, W) -> (1, H*W, dim).
-
-    Built from arange on the (possibly symbolic) map size, so it exports with dynamic shapes.
-    """
-    h, w = x.shape[-2], x.shape[-1]
-    eps, scale = 1e-6, 2 * math.pi
-    y = (torch.arange(h, device=x.device, dtype=x.dtype) + 1) / (h + eps) * scale  # (H,)
-    xx = (torch.arange(w, device=x.device, dtype=x.dtype) + 1) / (w + eps) * scale  # (W,)
-    half = dim // 2
-    i = torch.arange(half, device=x.device, dtype=x.dtype)
-    freq = temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / half)  # (half,)
-    py, px = y[:, None] / freq, xx[:, None] / freq  # (H, half), (W, half)
-    py = torch.stack((py[:, 0::2].sin(), py[:, 1::2].cos()), dim=2).flatten(1)  # (H, half)
-    px = torch.stack((px[:, 0::2].sin(), px[:, 1::2].cos()), dim=2).flatten(1)  # (W, half)
-    pos = torch.cat((py[:, None, :].expand(-1, w, -1), px[None, :, :].expand(h, -1, -1)), dim=2)
-    return pos.reshape(1, -1, dim)  # (1, H*W, dim), row-major like flatten(2)
+__all__ = ["DualTransformerDecoder", "sine_position_encoding"]
 
 
 class AttentionBlock(nn.Module):
@@ -74,11 +60,18 @@ class DualTransformerDecoder(nn.Module):
 
     def __init__(self, global_channels: int, local_channels: int, num_classes: int,
                  num_queries: int = 100, dim: int = 128, heads: int = 4, ffn_dim: int = 256,
-                 kernel_dim: int = 128, local_pool: int = 8) -> None:
+                 kernel_dim: int = 128, local_pool: int = 8, query_groups: int = 1,
+                 query_proposal: bool = False) -> None:
         super().__init__()
-        self.dim, self.local_pool = dim, local_pool
+        self.dim, self.local_pool, self.groups = dim, local_pool, query_groups
         self.query_feat = nn.Embedding(num_queries, dim)
         self.query_pos = nn.Embedding(num_queries, dim)
+        # training-only query groups 1..G-1 (Group DETR); inference and export use group 0 above
+        self.group_feat = nn.Embedding((query_groups - 1) * num_queries, dim) if query_groups > 1 else None
+        self.group_pos = nn.Embedding((query_groups - 1) * num_queries, dim) if query_groups > 1 else None
+        # optional image-conditioned queries (FastInst): taken from the local tokens' class peaks;
+        # the learned queries above fill the slots the map is too small for
+        self.proposal = QueryProposal(dim, num_queries, num_classes) if query_proposal else None
         self.global_proj = nn.Conv2d(global_channels, dim, 1)
         self.local_proj = nn.Conv2d(local_channels, dim, 1)
         self.global_cross = AttentionBlock(dim, heads)
@@ -105,19 +98,54 @@ class DualTransformerDecoder(nn.Module):
         x = proj(x)
         return x.flatten(2).transpose(1, 2), sine_position_encoding(x, self.dim)
 
-    def forward_global(self, x6: Tensor) -> Tensor:
-        """Learnable queries attend to the global semantics X6 (B, C6, H/64, W/64) -> (B, N, D)."""
-        mem, mem_pos = self.tokens(x6, self.global_proj)
-        q = self.query_feat.weight.unsqueeze(0).expand(x6.shape[0], -1, -1)  # (B, N, D)
-        pos = self.query_pos.weight.unsqueeze(0)  # (1, N, D)
-        q = self.global_cross(q, pos, mem, mem_pos)
-        return self.global_self(q, pos)
+    def local_map(self, f_mask: Tensor) -> Tensor:
+        """F_mask (B, Dm, H/8, W/8) max-pooled by local_pool -> (B, Dm, H/8p, W/8p), the local layer's memory."""
+        return F.max_pool2d(f_mask, self.local_pool, self.local_pool, ceil_mode=True)
 
-    def forward_local(self, q: Tensor, f_mask: Tensor) -> Tensor:
-        """Queries (B, N, D) attend to F_mask (B, Dm, H/8, W/8) max-pooled to 1/64 -> (B, N, D)."""
-        local = F.max_pool2d(f_mask, self.local_pool, self.local_pool, ceil_mode=True)
-        mem, mem_pos = self.tokens(local, self.local_proj)
-        pos = self.query_pos.weight.unsqueeze(0)
+    def queries(self, batch: int, groups: int = 1) -> tuple[Tensor, Tensor]:
+        """The learned queries and their positions, (B * G, N, D) each, image-major (row b * G + g
+        is group g of image b): each group is a batch row of its own, so self-attention stays
+        within the group. groups > 1 only in training (Group DETR)."""
+        feat, pos = self.query_feat.weight, self.query_pos.weight  # (N, D)
+        if groups > 1:
+            n, d = feat.shape
+            feat = torch.cat([feat, self.group_feat.weight]).view(groups, n, d)  # (G, N, D)
+            pos = torch.cat([pos, self.group_pos.weight]).view(groups, n, d)
+        feat, pos = feat.expand(batch, *feat.shape), pos.expand(batch, *pos.shape)
+        return feat.reshape(-1, *feat.shape[-2:]), pos.reshape(-1, *pos.shape[-2:])
+
+    def forward_global(self, x6: Tensor, f_mask: Tensor, groups: int = 1
+                       ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The queries attend to the global semantics X6 (B, C6, H/64, W/64) -> (queries (B * G, N, D),
+        their positions (B * G, N, D), the proposal's outputs: {} with learned queries, else
+        query_index/query_valid (B, N) and proposal_logits (B, C, h, w), see QueryProposal)."""
+        mem, mem_pos = self.tokens(x6, self.global_proj)
+        q, pos, proposal = self.initial_queries(x6.shape[0], f_mask, groups)
+        mem = mem.repeat_interleave(groups, 0) if groups > 1 else mem  # (B * G, L, D)
+        q = self.global_cross(q, pos, mem, mem_pos)
+        return self.global_self(q, pos), pos, proposal
+
+    def initial_queries(self, batch: int, f_mask: Tensor, groups: int
+                        ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Learned queries (`queries`), or the proposal's from the local tokens, with each extra
+        group's learned embedding added to the proposed features (groups see the same locations)."""
+        if self.proposal is None:
+            return (*self.queries(batch, groups), {})
+        local = self.local_proj(self.local_map(f_mask))  # (B, D, h, w)
+        p = self.proposal(local, self.query_feat.weight, self.query_pos.weight)
+        q, pos = p.pop("query_feat"), p.pop("query_pos")  # (B, N, D) each
+        if groups > 1:
+            offsets = torch.cat([torch.zeros_like(self.query_feat.weight), self.group_feat.weight])
+            q = (q.unsqueeze(1) + offsets.view(groups, *q.shape[1:])).flatten(0, 1)  # (B * G, N, D)
+            pos = pos.repeat_interleave(groups, 0)
+        return q, pos, p
+
+    def forward_local(self, q: Tensor, pos: Tensor, f_mask: Tensor) -> Tensor:
+        """Queries (B * G, N, D) attend to F_mask (B, Dm, H/8, W/8) max-pooled by local_pool ->
+        (B * G, N, D)."""
+        mem, mem_pos = self.tokens(self.local_map(f_mask), self.local_proj)
+        if q.shape[0] != mem.shape[0]:  # query groups: each image's memory for each of its groups
+            mem = mem.repeat_interleave(q.shape[0] // mem.shape[0], 0)
         q = self.local_cross(q, pos, mem, mem_pos)
         q = self.local_self(q, pos)
         return self.norm(self.ffn(q))
@@ -130,4 +158,6 @@ class DualTransformerDecoder(nn.Module):
         }
 
     def forward(self, x6: Tensor, f_mask: Tensor) -> dict[str, Tensor]:
-        return self.heads(self.forward_local(self.forward_global(x6), f_mask))
+        """Inference: group 0 only -> heads (B, N, ...)."""
+        q, pos, _ = self.forward_global(x6, f_mask)
+        return self.heads(self.forward_local(q, pos, f_mask))

@@ -74,7 +74,7 @@ class SemanticEnhancedMaskDecoder(nn.Module):
     """Backbone features [X3, X4, X5, X6] -> (mask features M at stride 8, F_mask at stride 8)."""
 
     def __init__(self, in_channels: tuple[int, int, int, int], dim: int = 128, conv: str = "dw",
-                 kernel_dim: int = 128, coords: bool = False) -> None:
+                 kernel_dim: int = 128, coords: bool = False, project: bool = True) -> None:
         super().__init__()
         c3, c4, c5, c6 = in_channels
         self.lateral3 = ConvBNReLU(c3, dim)
@@ -89,10 +89,12 @@ class SemanticEnhancedMaskDecoder(nn.Module):
         # M = conv1x1(F_mask), E channels; with `coords`, two coordinate channels join F_mask first
         # (SparseInst's CoordConv, spec training.md §0): kernels can then tell apart instances
         # that look alike by where they are
+        # (project=False: M is made elsewhere, at stride 4 by Stride4MaskFeatures)
         self.coords = coords
-        self.mask_proj = nn.Conv2d(dim + 2 * coords, kernel_dim, 1)
+        self.mask_proj = nn.Conv2d(dim + 2 * coords, kernel_dim, 1) if project else None
 
-    def forward(self, feats: list[Tensor]) -> tuple[Tensor, Tensor]:
+    def forward(self, feats: list[Tensor]) -> tuple[Tensor | None, Tensor]:
+        """[X3, X4, X5, X6] -> (M (B, E, H/8, W/8) or None without projection, F_mask (B, D, H/8, W/8))."""
         x3, x4, x5, x6 = feats
         l3, l4, l5 = self.lateral3(x3), self.lateral4(x4), self.lateral5(x5)  # (B, D, H/8..H/32)
         g = resize_to(self.lateral_global(x6), l5)  # (B, D, H/32, W/32)
@@ -109,5 +111,32 @@ class SemanticEnhancedMaskDecoder(nn.Module):
         out = self.enhance2(q5, g)  # (B, D, H/32, W/32)
         out = resize_to(out, q4) + q4
         f_mask = resize_to(out, q3) + q3  # (B, D, H/8, W/8)
+        if self.mask_proj is None:
+            return None, f_mask
         m = torch.cat([f_mask, coordinates(f_mask)], 1) if self.coords else f_mask
         return self.mask_proj(m), f_mask  # (B, E, H/8, W/8), (B, D, H/8, W/8)
+
+
+class Stride4MaskFeatures(nn.Module):
+    """Mask features M at stride 4 (model option `mask_stride: 4`), for small objects.
+
+    A lateral from the backbone's stride-4 stage X2 meets F_mask reduced and upsampled from stride
+    8, as YOLACT/CondInst/SOLOv2 take P2/P3 into their mask branch; one depthwise-separable fusion,
+    then the 1x1 projection to E channels replaces the stride-8 one:
+
+        F4 = fuse(relu(BN(conv1x1(X2))) + up2(relu(BN(conv1x1(F_mask)))))   (B, d, H/4, W/4)
+        M  = conv1x1(F4)                                                   (B, E, H/4, W/4)
+
+    d = dim / 2 keeps the stride-4 convolutions cheap (they see 4x the pixels of stride 8)."""
+
+    def __init__(self, stride4_channels: int, dim: int = 128, kernel_dim: int = 128) -> None:
+        super().__init__()
+        d = dim // 2
+        self.lateral = ConvBNReLU(stride4_channels, d)
+        self.reduce = ConvBNReLU(dim, d)
+        self.fuse = fusion_conv(d, "dw")
+        self.mask_proj = nn.Conv2d(d, kernel_dim, 1)
+
+    def forward(self, x2: Tensor, f_mask: Tensor) -> Tensor:
+        lat = self.lateral(x2)  # (B, d, H/4, W/4)
+        return self.mask_proj(self.fuse(lat + resize_to(self.reduce(f_mask), lat)))  # (B, E, H/4, W/4)

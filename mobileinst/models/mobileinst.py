@@ -16,12 +16,17 @@ from torch import Tensor
 from ..registry import ModelConfig
 from .backbones import build_backbone
 from .instance_decoder import DualTransformerDecoder
-from .mask_decoder import SemanticEnhancedMaskDecoder
+from .mask_decoder import SemanticEnhancedMaskDecoder, Stride4MaskFeatures
 from .postprocess import InferenceConfig, decode_instances
 
 # Input normalisation of the reproduction config and of TopFormer/SeaFormer (mobileinst.md).
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def group_of(heads: dict[str, Tensor], groups: int, g: int) -> dict[str, Tensor]:
+    """Group g's rows of image-major (B * G, ...) heads -> (B, ...)."""
+    return {k: v.unflatten(0, (-1, groups))[:, g] for k, v in heads.items()}
 
 
 class MobileInst(nn.Module):
@@ -34,12 +39,15 @@ class MobileInst(nn.Module):
         self.backbone = build_backbone(cfg.backbone)
         self.mask_decoder = SemanticEnhancedMaskDecoder(
             self.backbone.out_channels, cfg.mask_dim, cfg.fusion_conv, cfg.kernel_dim,
-            cfg.mask_coords)
+            cfg.mask_coords, project=cfg.mask_stride == 8)
+        # optional: M at stride 4 from the backbone's stride-4 stage (small objects; README)
+        self.mask_stride4 = (Stride4MaskFeatures(self.backbone.stride4_channels, cfg.mask_dim,
+                                                 cfg.kernel_dim) if cfg.mask_stride == 4 else None)
         self.instance_decoder = DualTransformerDecoder(
             global_channels=self.backbone.out_channels[3], local_channels=cfg.mask_dim,
             num_classes=cfg.num_classes, num_queries=cfg.num_queries, dim=cfg.hidden_dim,
             heads=cfg.num_heads, ffn_dim=cfg.ffn_dim, kernel_dim=cfg.kernel_dim,
-            local_pool=cfg.local_pool)
+            local_pool=cfg.local_pool, query_groups=cfg.query_groups, query_proposal=cfg.query_proposal)
         # optional: class evidence from the mask features under each query's own mask (README)
         self.mask_class = nn.Linear(cfg.kernel_dim, cfg.num_classes) if cfg.mask_pooled_cls else None
         if self.mask_class is not None:
@@ -51,19 +59,28 @@ class MobileInst(nn.Module):
 
     # -- the network -------------------------------------------------------------------------
     def features(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Images (B, 3, H, W) 0..255 -> mask features M (B, E, H/8, W/8), F_mask (B, D, H/8, W/8),
-        global semantics X6 (B, C6, H/64, W/64). Kernel reuse (video) runs only this part."""
-        feats = self.backbone((images - self.pixel_mean) / self.pixel_std)
-        mask_feats, f_mask = self.mask_decoder(feats)
-        return mask_feats, f_mask, feats[3]
+        """Images (B, 3, H, W) 0..255 -> mask features M (B, E, H/s, W/s) at cfg.mask_stride s,
+        F_mask (B, D, H/8, W/8), global semantics X6 (B, C6, H/64, W/64). Kernel reuse (video)
+        runs only this part."""
+        x = (images - self.pixel_mean) / self.pixel_std
+        if self.mask_stride4 is None:
+            feats = self.backbone(x)
+            mask_feats, f_mask = self.mask_decoder(feats)
+            return mask_feats, f_mask, feats[3]
+        x2, *feats = self.backbone(x, with_stride4=True)
+        _, f_mask = self.mask_decoder(feats)  # (no stride-8 projection in this configuration)
+        return self.mask_stride4(x2, f_mask), f_mask, feats[3]
 
     def mask_logits(self, kernels: Tensor, mask_feats: Tensor) -> Tensor:
-        """Kernels (B, N, E) . M (B, E, h, w) -> mask logits (B, N, h, w) at stride 8."""
+        """Kernels (B, N, E) . M (B, E, h, w) -> mask logits (B, N, h, w) at M's stride."""
         b, e, h, w = mask_feats.shape
         return torch.bmm(kernels, mask_feats.flatten(2)).view(b, -1, h, w)
 
     def to_stride4(self, mask_logits: Tensor) -> Tensor:
-        """Stride-8 mask logits (B, N, h, w) -> (B, N, 2h, 2w), bilinear (SparseInst SCALE_FACTOR)."""
+        """Stride-8 mask logits (B, N, h, w) -> (B, N, 2h, 2w), bilinear (SparseInst SCALE_FACTOR);
+        stride-4 ones as they are."""
+        if self.cfg.mask_upsample == 1:
+            return mask_logits
         return F.interpolate(mask_logits, scale_factor=float(self.cfg.mask_upsample), mode="bilinear",
                              align_corners=False)
 
@@ -98,17 +115,34 @@ class MobileInst(nn.Module):
 
     def forward_raw(self, images: Tensor) -> dict[str, Tensor]:
         """Raw outputs: pred_logits (B, N, C), pred_scores (B, N, 1), pred_kernels (B, N, E),
-        pred_masks (B, N, H/4, W/4) logits; in training with cfg.aux_loss also `aux_outputs`, a list
-        of the same dicts predicted from earlier decoder stages."""
+        pred_masks (B, N, H/4, W/4) logits. In training, with cfg.aux_loss also `aux_outputs`, a
+        list of the same dicts predicted from earlier decoder stages, and with cfg.query_groups
+        G > 1 `group_outputs`, the G - 1 extra query groups' dicts (Group DETR: each matched on
+        its own; group 0 is the one inference uses)."""
         mask_feats, f_mask, x6 = self.features(images)
         dec = self.instance_decoder
-        q_global = dec.forward_global(x6)  # (B, N, D)
-        out = self.decode(dec.heads(dec.forward_local(q_global, f_mask)), mask_feats)
-        if self.training and self.cfg.aux_loss:
-            # deep supervision (DETR's auxiliary losses): the queries after the global layer go
-            # through the same final norm and heads; the criterion matches and scores them too
-            out["aux_outputs"] = [self.decode(dec.heads(dec.norm(q_global)), mask_feats)]
-        return out
+        groups = self.cfg.query_groups if self.training else 1
+        q_global, pos, proposal = dec.forward_global(x6, f_mask, groups)  # (B * G, N, D) each
+        heads = dec.heads(dec.forward_local(q_global, pos, f_mask))
+        # deep supervision (DETR's auxiliary losses): the queries after the global layer go
+        # through the same final norm and heads; the criterion matches and scores them too
+        aux = dec.heads(dec.norm(q_global)) if self.training and self.cfg.aux_loss else None
+        # proposed queries' locations go with every prediction: the matcher keeps each query to
+        # the objects that contain its location (FastInst's location cost)
+        where = {k: proposal[k] for k in ("query_index", "query_valid")} if proposal else {}
+        if proposal:
+            where["proposal_size"] = tuple(proposal["proposal_logits"].shape[-2:])
+        outs = []
+        for g in range(groups):
+            out = {**self.decode(group_of(heads, groups, g), mask_feats), **where}
+            if aux is not None:
+                out["aux_outputs"] = [{**self.decode(group_of(aux, groups, g), mask_feats), **where}]
+            outs.append(out)
+        if groups > 1:
+            outs[0]["group_outputs"] = outs[1:]
+        if proposal:
+            outs[0]["proposal_logits"] = proposal["proposal_logits"]  # (B, C, h, w): its own loss
+        return outs[0]
 
     def inference_outputs(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """What inference needs, and what the raw ONNX graph returns: class logits (B, N, C) (with

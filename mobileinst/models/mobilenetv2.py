@@ -11,6 +11,7 @@ last stage, average-pooled to stride 64, is the global feature X6.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .ops import adaptive_avg_pool2d, ceil_half
@@ -25,8 +26,10 @@ _SETTING = (
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 )
-# features[a:b] for X3, X4, X5, X6 (strides 8, 16, 32, 32 before the final pooling)
-_STAGES = ((0, 7), (7, 14), (14, 18), (18, 19))
+# features[a:b] for X2, X3, X4, X5, X6 (strides 4, 8, 16, 32, 32 before the final pooling)
+_STAGES = ((0, 4), (4, 7), (7, 14), (14, 18), (18, 19))
+# features[:n] at stride <= 2 ** level, for freezing the first levels (detectron2's FREEZE_AT)
+_LEVEL_END = {0: 0, 1: 2, 2: 4, 3: 7, 4: 14, 5: 18}
 
 
 class ConvBNReLU6(nn.Sequential):
@@ -92,7 +95,21 @@ class MobileNetV2(nn.Module):
         layers.append(ConvBNReLU6(inp, last, kernel_size=1))
         self.features = nn.Sequential(*layers)
         self.out_channels = (32, 96, 320, 1280)
+        self.stride4_channels = 24
+        self.frozen_blocks = 0  # features[:frozen_blocks] run without gradient (`freeze`)
         self._init_weights()
+
+    def freeze(self, level: int) -> list[nn.Module]:
+        """Fix the blocks at strides <= 2**level (1: the stem's stride 2; 2: up to stride 4, as
+        detectron2's FREEZE_AT=2; up to 5). They run under no_grad: no backward through the
+        highest-resolution layers. Returns the frozen blocks."""
+        if level not in _LEVEL_END:
+            raise ValueError(f"freeze level must be in 0..{max(_LEVEL_END)}, got {level}")
+        self.frozen_blocks = _LEVEL_END[level]
+        frozen = list(self.features[:self.frozen_blocks])
+        for m in frozen:
+            m.requires_grad_(False)
+        return frozen
 
     def _init_weights(self) -> None:
         """torchvision's init: kaiming normal (fan_out) convs, BN weight 1 and bias 0."""
@@ -105,17 +122,19 @@ class MobileNetV2(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """x: (B, 3, H, W) -> [X3 (B, 32, H/8), X4 (B, 96, H/16), X5 (B, 320, H/32), X6 (B, 1280, H/64)]."""
+    def forward(self, x: Tensor, with_stride4: bool = False) -> list[Tensor]:
+        """x: (B, 3, H, W) -> [X3 (B, 32, H/8), X4 (B, 96, H/16), X5 (B, 320, H/32), X6 (B, 1280, H/64)],
+        with X2 (B, 24, H/4) first when `with_stride4`."""
         outs = []
         for start, end in _STAGES:
             for i in range(start, end):
-                x = self.features[i](x)
+                with torch.set_grad_enabled(torch.is_grad_enabled() and i >= self.frozen_blocks):
+                    x = self.features[i](x)
             outs.append(x)
         x6 = outs[-1]  # (B, 1280, H32, W32)
         h, w = x6.shape[-2], x6.shape[-1]
         outs[-1] = adaptive_avg_pool2d(x6, (ceil_half(h), ceil_half(w)))  # (B, 1280, H64, W64)
-        return outs
+        return outs if with_stride4 else outs[1:]
 
 
 def mobilenetv2(variant: str = "1.0") -> MobileNetV2:

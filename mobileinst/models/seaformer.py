@@ -285,9 +285,14 @@ class SeaFormer(nn.Module):
         first_trans = self.num_smb - self.num_trans
         return [feats[1], *feats[first_trans:]]
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """x: (B, 3, H, W), normalised -> [x3, x4, x5, x6] at strides 8, 16, 32, 64."""
-        return self.forward_stages(x)[1:5]
+    @property
+    def stride4_channels(self) -> int:
+        return self.channels[1]
+
+    def forward(self, x: Tensor, with_stride4: bool = False) -> list[Tensor]:
+        """x: (B, 3, H, W), normalised -> [x3, x4, x5, x6] at strides 8, 16, 32, 64 (with the
+        stride-4 stage x2 first when `with_stride4`)."""
+        return self.forward_stages(x)[0 if with_stride4 else 1:5]
 
 
 def seaformer(variant: str) -> SeaFormer:

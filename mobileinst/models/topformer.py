@@ -255,22 +255,28 @@ class TopFormer(nn.Module):
         self.strides: tuple[int, int, int, int] = (8, 16, 32, 64)
         init_weights_official(self)
 
-    def forward_features(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
-        """x: (B, 3, H, W) -> (SIM outputs at strides 8/16/32, trans output at stride 64)."""
+    @property
+    def stride4_channels(self) -> int:
+        return self.channels[0]
+
+    def forward_features(self, x: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
+        """x: (B, 3, H, W) -> (SIM outputs at strides 8/16/32, trans output at stride 64,
+        the token pyramid's stride-4 level)."""
         tokens = self.tpm(x)  # strides 4, 8, 16, 32; widths cfg.channels
         glob = self.trans(self.ppa(tokens))  # (B, embed_dim, H/64, W/64)
         glob_split = glob.split(list(self.channels), dim=1)
         local = [self.SIM[i](tokens[i], glob_split[i]) for i in self.decode_out_indices]
-        return local, glob
+        return local, glob, tokens[0]
 
     def forward_official(self, x: Tensor) -> list[Tensor]:
         """The list the official forward returns: the SIM outputs (golden `local_outputs`)."""
         return self.forward_features(x)[0]
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """x: (B, 3, H, W), normalised -> [x3, x4, x5, x6] at strides 8, 16, 32, 64."""
-        local, glob = self.forward_features(x)
-        return [*local, glob]
+    def forward(self, x: Tensor, with_stride4: bool = False) -> list[Tensor]:
+        """x: (B, 3, H, W), normalised -> [x3, x4, x5, x6] at strides 8, 16, 32, 64 (with the
+        stride-4 tokens x2 first when `with_stride4`)."""
+        local, glob, x2 = self.forward_features(x)
+        return [x2, *local, glob] if with_stride4 else [*local, glob]
 
 
 def topformer(variant: str) -> TopFormer:

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from ..errors import MobileInstError
+from .schedule import SCHEDULES
 
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs"  # the package's YAML presets
@@ -38,6 +39,7 @@ class TrainConfig:
     data: str = ""  # DATA yaml (train/val json + image folders)
     out_dir: str = ""  # run folder; empty -> runs/train/expN
     iters: int = 0  # total iterations; 0 -> epochs x iterations per epoch
+    time: float = 0.0  # a wall-clock budget in minutes (replaces iters/epochs; lr schedule fitted to it)
     epochs: int = 12
     imgsz: int = 640  # largest training short side, and the evaluation short side
     batch: int = 16  # images per iteration, over all workers
@@ -47,12 +49,16 @@ class TrainConfig:
     weight_decay: float = 0.05
     backbone_lr_mult: float = 0.5
     warmup_iters: int = 1000  # capped at a quarter of the run
+    schedule: str = "step"  # lr decay: 'step' (x0.1 at 210/270, 250/270: the paper's) or 'linear' (to 0)
     grad_clip: float = 0.0  # max gradient norm; 0 = off (the recipe's default)
     amp: bool = False  # bf16 autocast on CPU, fp16 + GradScaler on CUDA
     channels_last: bool = True  # NHWC weights and batches: ~1.3x faster CPU steps here (README)
     freeze_backbone_bn: bool = False  # backbone BatchNorm: ImageNet statistics and affine kept (small batches)
     ema: bool = False
     ema_decay: float = 0.9999
+    ema_tau: int = 2000  # EMA ramp: decay x (1 - exp(-updates / ema_tau))
+    freeze_at: int = 0  # backbone levels fixed and run without gradient: 1 stride 2, 2 up to stride 4, ...
+    log_interval: int = 50  # iterations between loss rows in results.csv
     crop: bool = False  # SparseInst's "_aug" random crop
     aspect_grouping: bool = True  # batches of landscape or of portrait images only (train/sampler.py)
     eval_interval: int = 0  # iterations between evaluations; 0 -> once per epoch
@@ -98,6 +104,9 @@ class TrainConfig:
         for name in ("lr", "ema_decay"):
             if getattr(self, name) <= 0:
                 raise MobileInstError(f"{source}: {name} must be > 0, got {getattr(self, name)!r}")
+        if self.schedule not in SCHEDULES:
+            raise MobileInstError(f"{source}: schedule must be one of {', '.join(SCHEDULES)}, "
+                                  f"got {self.schedule!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,7 +114,8 @@ class TrainConfig:
 
 # (option, lowest, highest) accepted. imgsz: the network needs 32 px (stride 32); above 4096 a
 # single image's activations outgrow any machine this targets (10000 px ran out after a minute).
-LIMITS = [("iters", 0, 10**9), ("epochs", 1, 10**6), ("imgsz", 32, 4096), ("batch", 1, 4096),
+LIMITS = [("iters", 0, 10**9), ("time", 0, 10**6), ("ema_tau", 1, 10**9), ("freeze_at", 0, 5),
+          ("log_interval", 1, 10**9), ("epochs", 1, 10**6), ("imgsz", 32, 4096), ("batch", 1, 4096),
           ("workers", 0, 256), ("lr", 0, 1), ("weight_decay", 0, 1), ("backbone_lr_mult", 0, 10),
           ("warmup_iters", 0, 10**9), ("grad_clip", 0, 1e6), ("ema_decay", 0, 1),
           ("eval_interval", 0, 10**9), ("save_interval", 0, 10**9), ("num_queries", 1, 1000)]
@@ -130,8 +140,8 @@ def typed(source: str, key: str, value: Any, type_name: str) -> Any:
 
 
 # What `--resume` may change: how long the run goes on and how it is watched, not what it learns.
-RESUME_MAY_CHANGE = {"iters", "epochs", "eval_interval", "save_interval", "workers", "device",
-                     "out_dir", "exist_ok"}
+RESUME_MAY_CHANGE = {"iters", "epochs", "time", "eval_interval", "save_interval", "log_interval",
+                     "workers", "device", "out_dir", "exist_ok"}
 
 
 def resumed_config(saved: dict[str, Any], given: TrainConfig, source: str) -> TrainConfig:

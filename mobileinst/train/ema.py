@@ -9,8 +9,10 @@ from torch import nn
 
 
 class ModelEMA:
-    """ema = d * ema + (1 - d) * model, with d ramped up over the first updates (as YOLO does),
-    so early weights are not dominated by the random initialisation. Buffers are copied."""
+    """ema = d * ema + (1 - d) * model, with d = decay * (1 - exp(-updates / ramp)) ramped up over
+    the first updates (as YOLO does, tau 2000), so early weights are not dominated by the random
+    initialisation; a short run wants a short ramp (RF-DETR: decay 0.993, tau 100). Buffers are
+    copied."""
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, ramp: int = 2000) -> None:
         self.module = copy.deepcopy(model).eval()

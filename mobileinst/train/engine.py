@@ -4,7 +4,8 @@ resume, mixed precision, EMA and data parallelism (torchrun).
 One Trainer per run. Everything a run needs afterwards lives in its folder:
   config.yaml        the resolved TrainConfig and the model config
   train.log          the log
-  results.csv        one row per evaluation: losses averaged since the last row, lr, mask AP
+  results.csv        a row every log_interval iterations (every loss term averaged since the last
+                     row, lr, training seconds) and at each evaluation (with the mask APs)
   loss.png, ap.png   curves drawn from results.csv
   weights/last.pt    everything to resume (model, EMA, optimizer, scheduler, RNG, iteration)
   weights/best.pt    the weights with the best val mask AP so far
@@ -18,7 +19,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -43,12 +44,14 @@ from .ema import ModelEMA
 from .losses import MobileInstCriterion
 from .matcher import HungarianMatcher
 from .run_dir import RunLock, claim_new_run_dir, clear_run, holds_run, remove_stale_temporaries
-from .schedule import build_scheduler
+from .schedule import LrSchedule
 from .video import TemporalQueryPassing, VideoCriterion
 
 log = logging.getLogger("mobileinst.train")
 CSV_FIELDS = ["iteration", "epoch", "lr", "loss", "loss_cls", "loss_dice", "loss_mask", "loss_obj",
-              "AP", "AP50", "AP75", "APs", "APm", "APl", "seconds"]
+              "loss_aux", "loss_groups", "loss_proposal", "AP", "AP50", "AP75", "APs", "APm", "APl",
+              "seconds", "images_per_s"]
+PLOT_EVERY_S = 60.0  # loss.png is redrawn at most this often (and at every evaluation)
 
 
 def rng_state() -> dict[str, Any]:
@@ -84,6 +87,15 @@ def frozen_backbone_norms(model: torch.nn.Module) -> list[torch.nn.Module]:
     return norms
 
 
+def freeze_backbone(model: torch.nn.Module, level: int) -> list[torch.nn.Module]:
+    """The backbone's blocks at strides <= 2**level fixed and run without gradient (detectron2's
+    FREEZE_AT); returns them. Only backbones with a `freeze(level)` method support it."""
+    if not hasattr(model.backbone, "freeze"):
+        raise MobileInstError(f"freeze_at: the {model.cfg.backbone} backbone cannot freeze stages "
+                              "(mobilenetv2 can); leave freeze_at at 0")
+    return model.backbone.freeze(level)
+
+
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """Backbone at lr x backbone_lr_mult; no weight decay on norms, biases, embeddings."""
     groups: dict[tuple[bool, bool], list] = {}
@@ -98,7 +110,17 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: str | Path | None = None) -> None:
+    """One training run. `train()` runs it; `add_callback("on_step_end", fn)` calls fn(trainer)
+    after every optimisation step (time spent in callbacks is not counted by the training clock)
+    and `request_stop()` ends the run after the current step, evaluated and saved.
+
+    The run is --iters/--epochs long, or with cfg.time > 0 a wall-clock budget in minutes: the
+    training clock (`elapsed`, data loading, steps and in-run evaluations; set-up and the final
+    evaluation excluded) stops it, and the lr schedule runs on the clock's progress (schedule.py).
+    `clock` is the time source (seconds), replaceable in tests."""
+
+    def __init__(self, cfg: TrainConfig, resume: str | Path | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         resolve_device(cfg.device)  # an unknown or absent device fails before any work
         ckpt, ckpt_path = self._resume_checkpoint(cfg, resume)
         if ckpt is not None:  # a resumed run keeps its recipe; it may run longer (config.py)
@@ -120,12 +142,15 @@ class Trainer:
         self.val_set = build_val_set(cfg)
         self.class_names, self.cat_ids = self.train_set.class_names, self.train_set.cat_ids
         self.bpe = self.train_loader.sampler.batches_per_epoch  # iterations per epoch
-        self.total = cfg.iters or cfg.epochs * self.bpe
-        if ckpt is not None and ckpt["iteration"] > self.total:
+        self.budget_s = cfg.time * 60.0  # 0: no wall-clock budget
+        self.total = 0 if self.budget_s else cfg.iters or cfg.epochs * self.bpe  # 0: the budget decides
+        if ckpt is not None and self.total and ckpt["iteration"] > self.total:
             raise MobileInstError(f"{ckpt_path}: the run is at iteration {ckpt['iteration']}; to extend "
                                   f"it, --iters must be larger (got a run of {self.total} iterations)")
-        self.eval_interval = cfg.eval_interval or self.bpe
-        self.save_interval = cfg.save_interval or self.eval_interval
+        # in-run evaluations: every eval_interval iterations; by default once per epoch, or with
+        # a time budget only at the end (each one costs the budget's time)
+        self.eval_interval = cfg.eval_interval or (0 if self.budget_s else self.bpe)
+        self.save_interval = cfg.save_interval or self.eval_interval or 500
 
         if self.device.type == "cpu":
             keep_freed_memory()
@@ -139,19 +164,25 @@ class Trainer:
         else:
             self.weights_report = "backbone weights: none (random initialisation)" if ckpt is None else ""
         self.frozen_bn = frozen_backbone_norms(self.model) if cfg.freeze_backbone_bn else []
+        if cfg.freeze_at:  # detectron2's FREEZE_AT: the first stages fixed, run without gradient
+            self.frozen_bn += [m for block in freeze_backbone(self.model, cfg.freeze_at)
+                               for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         self.criterion = MobileInstCriterion(HungarianMatcher(), num_classes=len(self.class_names))
         self.video = getattr(self.train_set, "is_video", False)
         net, self.loss_fn = self.model, self.criterion
         if self.video:  # temporal query passing on clips (train/video.py)
             net, self.loss_fn = TemporalQueryPassing(self.model), VideoCriterion(self.criterion)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.lr)
-        warmup = min(cfg.warmup_iters, self.total // 4)
-        self.scheduler = build_scheduler(self.optimizer, self.total, warmup)
+        self.scheduler = LrSchedule(self.optimizer, cfg.schedule, cfg.warmup_iters)
         use_cuda_amp = cfg.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_cuda_amp)
         self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema else None
+        self.ema = ModelEMA(self.model, cfg.ema_decay, cfg.ema_tau) if cfg.ema else None
         self.iteration, self.best_ap = 0, -1.0
+        self.clock, self.elapsed = clock, 0.0  # seconds on the training clock (kept on resume)
+        self._t_last, self._last_plot, self._row_start = 0.0, 0.0, (0, 0.0)
+        self.callbacks: dict[str, list[Callable[["Trainer"], None]]] = {"on_step_end": []}
+        self._stop = False
         self.ddp = (DistributedDataParallel(net, device_ids=[self.device.index]
                                             if self.device.type == "cuda" else None)
                     if dist.is_dist() else net)
@@ -190,7 +221,11 @@ class Trainer:
                 raise MobileInstError(
                     f"{self.out}: holds a training run; --resume continues it, --exist-ok replaces "
                     "it, or choose another --out-dir")
-            clear_run(self.out)
+            try:
+                clear_run(self.out)
+            except MobileInstError:
+                lock.release()
+                raise
         stale = remove_stale_temporaries(self.out / "weights")
         if stale:
             log.warning("removed %d unfinished checkpoint file(s) of a killed save in %s",
@@ -226,6 +261,7 @@ class Trainer:
         if self.ema is not None and ckpt.get("ema"):
             self.ema.load_state_dict(ckpt["ema"])
         self.iteration, self.best_ap = ckpt["iteration"], ckpt["best_ap"]
+        self.elapsed = float(ckpt.get("elapsed", 0.0))
         meter = ckpt.get("meter") or {}  # the running loss means since the last results.csv row
         self._meter, self._meter_n = dict(meter.get("sums", {})), meter.get("n", 0)
         set_rng_state(ckpt["rng"][min(dist.rank(), len(ckpt["rng"]) - 1)])
@@ -267,6 +303,32 @@ class Trainer:
             tqdm.write(msg)
 
     # -- the loop ----------------------------------------------------------------------------
+    def add_callback(self, event: str, fn: Callable[["Trainer"], None]) -> None:
+        """fn(trainer) at `event`; only "on_step_end" (after each step) exists."""
+        if event not in self.callbacks:
+            raise MobileInstError(f"unknown trainer event {event!r}; known: {', '.join(self.callbacks)}")
+        self.callbacks[event].append(fn)
+
+    def request_stop(self) -> None:
+        """End the run after the current step: it is evaluated and saved as at its planned end."""
+        self._stop = True
+
+    def progress(self) -> float:
+        """How much of the run is done, 0..1: of the time budget, or of the iterations."""
+        if self.budget_s:
+            return min(1.0, self.elapsed / self.budget_s)
+        return min(1.0, self.iteration / self.total)
+
+    def finished(self) -> bool:
+        """Same answer on every torchrun worker (the main process's clock decides)."""
+        done = self._stop or self.progress() >= 1.0
+        return dist.broadcast_object(done) if self.budget_s and dist.is_dist() else done
+
+    def _length(self) -> str:
+        if self.budget_s:
+            return f"{self.cfg.time:g} minutes of training (--time; --iters/--epochs ignored)"
+        return f"{self.total} iterations ({self.bpe} per epoch)"
+
     def train(self) -> dict[str, Any]:
         resumed = self.iteration > 0
         self._setup_outputs(resumed)
@@ -274,30 +336,45 @@ class Trainer:
         self._log(f"{'resuming' if resumed else 'training'} {self.model_cfg.name} "
                   f"({n_params / 1e6:.2f} M params, {len(self.class_names)} classes) on "
                   f"{self.device} x{dist.world_size()}: {len(self.train_set)} train / "
-                  f"{len(self.val_set)} val images, {self.total} iterations "
-                  f"({self.bpe} per epoch), batch {self.cfg.batch}, run folder {self.out}")
+                  f"{len(self.val_set)} val images, {self._length()}, batch {self.cfg.batch}, "
+                  f"run folder {self.out}")
         if self.weights_report:  # in train.log too, which exists only from here on
             self._log(self.weights_report)
-        bar = tqdm(total=self.total, initial=self.iteration, disable=not dist.is_main(),
+        bar = tqdm(total=self.total or None, initial=self.iteration, disable=not dist.is_main(),
                    desc="train", dynamic_ncols=True)
-        t0 = time.time()
-        while self.iteration < self.total:
+        self._t_last = self.clock()  # the training clock runs from here, plus what a resume had
+        self._row_start = (self.iteration, self.elapsed)
+        while not self.finished():
             epoch, start = divmod(self.iteration, self.bpe)
             self.train_loader.sampler.set_epoch(epoch, start)
             for images, targets in self.train_loader:
+                self.scheduler.set(self.iteration, self.progress())
                 losses = self.step(images, targets)
                 self.iteration += 1
+                self._tick()
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{self._lr():.2e}")
-                self._after_step(losses, time.time() - t0)
-                if self.iteration >= self.total or self.iteration % self.bpe == 0:
+                self._after_step(losses)
+                t = self.clock()
+                for fn in self.callbacks["on_step_end"]:
+                    fn(self)
+                self._t_last += self.clock() - t  # callbacks are off the clock
+                if self.finished() or self.iteration % self.bpe == 0:
                     break
         bar.close()
+        self._evaluate_and_record()  # the end of the run (off the clock)
+        self.save("last.pt")
         metrics = self._final_metrics()
         if self.tb is not None:
             self.tb.close()
         dist.barrier()
         return metrics
+
+    def _tick(self) -> None:
+        """Advance the training clock to now."""
+        now = self.clock()
+        self.elapsed += now - self._t_last
+        self._t_last = now
 
     def step(self, images: torch.Tensor, targets: list[dict]) -> dict[str, float]:
         """One optimisation step; returns the (worker-averaged) loss values."""
@@ -321,7 +398,6 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
         return {k: dist.all_reduce_mean(v.detach().float()).item() for k, v in losses.items()}
@@ -329,7 +405,7 @@ class Trainer:
     def _lr(self) -> float:
         return max(g["lr"] for g in self.optimizer.param_groups)
 
-    def _after_step(self, losses: dict[str, float], elapsed: float) -> None:
+    def _after_step(self, losses: dict[str, float]) -> None:
         for k, v in losses.items():
             self._meter[k] = self._meter.get(k, 0.0) + v
         self._meter_n += 1
@@ -337,31 +413,54 @@ class Trainer:
             for k, v in losses.items():
                 self.tb.add_scalar(f"train/{k}", v, self.iteration)
             self.tb.add_scalar("train/lr", self._lr(), self.iteration)
-        if self.iteration % self.eval_interval == 0 or self.iteration == self.total:
-            self._evaluate_and_record(elapsed)
+        if self.finished():
+            return  # train() evaluates and saves the end of the run
+        if self.eval_interval and self.iteration % self.eval_interval == 0:
+            self._evaluate_and_record()
             self.save("last.pt")
-        elif self.iteration % self.save_interval == 0:
+            self._tick()  # in-run evaluations are on the clock
+            return
+        if self.iteration % self.cfg.log_interval == 0:
+            self._record_losses()
+        if self.iteration % self.save_interval == 0:
             self.save("last.pt")
+            self._tick()
 
     # -- evaluation, records, checkpoints ----------------------------------------------------
     def eval_model(self) -> torch.nn.Module:
         return self.ema.module if self.ema is not None else self.model
 
-    def _evaluate_and_record(self, elapsed: float) -> dict[str, float]:
+    def _loss_row(self) -> dict[str, Any]:
+        """A results.csv row of the loss means since the last row; the meter starts again."""
+        it0, t0 = self._row_start
+        speed = (self.iteration - it0) * self.cfg.batch / max(self.elapsed - t0, 1e-9)
+        row = {"iteration": self.iteration, "epoch": self.iteration / self.bpe, "lr": self._lr(),
+               "seconds": round(self.elapsed, 1), "images_per_s": round(speed, 2)}
+        row.update({k: v / max(self._meter_n, 1) for k, v in self._meter.items()})
+        self._meter, self._meter_n = {}, 0
+        self._row_start = (self.iteration, self.elapsed)
+        return row
+
+    def _record_losses(self) -> None:
+        row = self._loss_row()
+        if dist.is_main():
+            self._write_row(row, plot=self.elapsed - self._last_plot >= PLOT_EVERY_S)
+
+    def _evaluate_and_record(self) -> dict[str, float]:
         metrics = evaluate_model(self.eval_model(), self.val_set, batch_size=max(1, self.cfg.batch // 2),
                                  workers=self.cfg.workers, device=self.device)
         ap = metrics.AP if metrics is not None else -1.0
         ap = dist.broadcast_object(ap)
-        row = {"iteration": self.iteration, "epoch": self.iteration / self.bpe, "lr": self._lr(),
-               "seconds": round(elapsed, 1)}
-        row.update({k: v / max(self._meter_n, 1) for k, v in self._meter.items()})
-        self._meter, self._meter_n = {}, 0
+        row = self._loss_row()
         if dist.is_main() and metrics is not None:
             row.update({k: getattr(metrics, k) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")})
-            self._write_row(row)
-            self._log(f"iteration {self.iteration}/{self.total}: loss {row.get('loss', 0):.4f}, "
-                      f"mask AP {metrics.AP:.4f} AP50 {metrics.AP50:.4f} AP75 {metrics.AP75:.4f}")
-            if self.iteration < self.total:
+            self._write_row(row, plot=True)
+            where = (f"{self.iteration}/{self.total}" if self.total else
+                     f"{self.iteration} ({self.elapsed / 60:.1f} of {self.cfg.time:g} min)")
+            self._log(f"iteration {where}: loss "
+                      f"{row.get('loss', 0):.4f}, mask AP {metrics.AP:.4f} AP50 {metrics.AP50:.4f} "
+                      f"AP75 {metrics.AP75:.4f}")
+            if not self.finished():
                 self._report_skips()
             if self.tb is not None:
                 for k in ("AP", "AP50", "AP75"):
@@ -371,11 +470,13 @@ class Trainer:
             self.save("best.pt")
         return row
 
-    def _write_row(self, row: dict[str, Any]) -> None:
+    def _write_row(self, row: dict[str, Any], plot: bool) -> None:
         with open(self.out / "results.csv", "a", newline="") as f:
             csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore").writerow(
                 {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        plot_curves(self.out / "results.csv", self.out)
+        if plot:
+            plot_curves(self.out / "results.csv", self.out)
+            self._last_plot = self.elapsed
 
     def state(self) -> dict[str, Any]:
         ema = self.ema.state_dict() if self.ema is not None else None
@@ -384,7 +485,7 @@ class Trainer:
                 "class_names": list(self.class_names), "cat_ids": list(self.cat_ids),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "iteration": self.iteration,
-                "epoch": self.iteration / self.bpe, "best_ap": self.best_ap,
+                "epoch": self.iteration / self.bpe, "best_ap": self.best_ap, "elapsed": self.elapsed,
                 "meter": {"sums": dict(self._meter), "n": self._meter_n},
                 "rng": dist.gather_objects(rng_state())}
 

@@ -10,6 +10,12 @@ Source: spec training.md §2 and §9.3 (hustvl/SparseInst `loss.py` L51-203, wei
 num_instances = GT instances in the batch, summed over workers / world size, at least 1 (DETR).
 With deep supervision (ModelConfig.aux_loss) every entry of outputs["aux_outputs"] is matched and
 scored the same way and its weighted sum is added as loss_aux (DETR's auxiliary decoding losses).
+With query groups (ModelConfig.query_groups, Group DETR: Chen et al., ICCV 2023) every extra group
+in outputs["group_outputs"] is matched one-to-one on its own and its whole loss (its own loss_aux
+included) is added as loss_groups: one-to-many supervision in training, one-to-one at inference.
+With proposed queries (ModelConfig.query_proposal) the per-pixel class head gets FastInst's
+proposal loss (train/proposal_loss.py, weight 20) as loss_proposal, and the matcher keeps each
+query to the objects that contain its location.
 Everything is computed in fp32 with autocast off. A batch without any GT gives mask terms
 `pred.sum() * 0` (graph kept, gradient 0) while the focal loss still pushes every query to background.
 """
@@ -22,6 +28,7 @@ from torch import Tensor
 
 from . import dist
 from .matcher import HungarianMatcher, dice_score, prepare_target_masks
+from .proposal_loss import proposal_loss
 
 __all__ = ["MobileInstCriterion", "count_instances", "dice_loss", "dice_score", "mask_iou", "prepare_target_masks",
            "sigmoid_focal_loss"]
@@ -90,8 +97,11 @@ class MobileInstCriterion(nn.Module):
             losses.update(self.mask_losses(pred_masks, objectness, tgt_masks, indices, n_inst))
             losses = {k: v * self.weights[k] for k, v in losses.items()}
             for aux in outputs.get("aux_outputs", []):  # deep supervision: own matching, same weights
-                aux_losses = self.forward(aux, targets, n_inst)
-                losses["loss_aux"] = losses.get("loss_aux", 0.0) + aux_losses["loss"]
+                losses["loss_aux"] = losses.get("loss_aux", 0.0) + self.forward(aux, targets, n_inst)["loss"]
+            if "proposal_logits" in outputs:  # the per-pixel class head of proposed queries (weighted)
+                losses["loss_proposal"] = proposal_loss(outputs["proposal_logits"], targets, tgt_masks)
+            for group in outputs.get("group_outputs", []):  # Group DETR: each group matched on its own
+                losses["loss_groups"] = losses.get("loss_groups", 0.0) + self.forward(group, targets, n_inst)["loss"]
             losses["loss"] = sum(losses.values())
         return losses
 

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from .proposal_loss import constrain_scores, location_mask
+
 log = logging.getLogger("mobileinst.train")
 
 MASK_STRIDE = 4  # pred_masks are at 1/4 of the padded input (spec training.md §0)
@@ -76,14 +78,21 @@ class HungarianMatcher:
         logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
         if target_masks is None:
             target_masks = prepare_target_masks(targets, tuple(pred_masks.shape[-2:]), device=pred_masks.device)
+        inside = [None] * len(targets)
+        if "query_index" in outputs:  # proposed queries: only objects containing their location
+            inside = location_mask(outputs["query_index"], outputs["proposal_size"], target_masks,
+                                   outputs["query_valid"])
         with torch.autocast(logits.device.type, enabled=False):
             probs = logits.float().sigmoid()  # (B, N, C)
             masks = pred_masks.float().sigmoid().flatten(2)  # (B, N, P)
-            return [self.match_one(probs[b], masks[b], targets[b]["labels"], target_masks[b])
+            return [self.match_one(probs[b], masks[b], targets[b]["labels"], target_masks[b], inside[b])
                     for b in range(len(targets))]
 
-    def match_one(self, prob: Tensor, mask: Tensor, labels: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
-        """prob (N, C), mask (N, P) probabilities; labels (M,), tgt (M, Hm, Wm) -> (rows, cols) int64."""
+    def match_one(self, prob: Tensor, mask: Tensor, labels: Tensor, tgt: Tensor,
+                  inside: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """prob (N, C), mask (N, P) probabilities; labels (M,), tgt (M, Hm, Wm) -> (rows, cols) int64.
+        inside (N, M) bool: query i may match target j only if true, unless the assignment
+        cannot avoid it (`proposal_loss.constrain_scores`)."""
         if len(labels) == 0:
             return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
         dice = dice_score(mask, tgt.to(mask).flatten(1))  # (N, M)
@@ -95,5 +104,7 @@ class HungarianMatcher:
                             "those pairs are treated as the worst possible match")
                 self._warned = True
             score = torch.nan_to_num(score, nan=BAD_SCORE, posinf=BAD_SCORE, neginf=BAD_SCORE)
+        if inside is not None:
+            score = constrain_scores(score, inside.to(score.device))
         rows, cols = linear_sum_assignment(score.cpu().numpy(), maximize=True)
         return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)

@@ -9,10 +9,12 @@ by accident.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
-import shutil
 from pathlib import Path
+
+import yaml
 
 from ..errors import MobileInstError
 from ..utils import check_output_dir
@@ -65,14 +67,31 @@ class RunLock:
             self.fd = None
 
 
+def is_run(path: Path) -> bool:
+    """A folder a mobileinst training wrote: its config.yaml is the mapping engine._setup_outputs
+    writes (train and model options)."""
+    try:
+        cfg = yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return isinstance(cfg, dict) and {"train", "model"} <= cfg.keys()
+
+
 def clear_run(run_dir: Path) -> None:
-    """Remove an old run's files (--exist-ok), keeping the lock file and anything else there."""
+    """Remove an old run's files (--exist-ok): only the names a run writes, so anything else there
+    stays; a folder that is not a mobileinst run is refused, its files untouched."""
+    if not is_run(run_dir):
+        raise MobileInstError(f"{run_dir}: holds files that are not a mobileinst run's (no run "
+                              "config.yaml); --exist-ok replaces only a run: choose another --out-dir")
     for name in RUN_FILES:
-        p = run_dir / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+        if name != "weights":
+            (run_dir / name).unlink(missing_ok=True)
+    weights = run_dir / "weights"
+    for name in ("last.pt", "best.pt"):
+        (weights / name).unlink(missing_ok=True)
+    remove_stale_temporaries(weights)
+    with contextlib.suppress(OSError):
+        weights.rmdir()  # only when empty: a file of the user's there stays
     for p in run_dir.glob("events.out.tfevents.*"):
         p.unlink()
 

@@ -45,9 +45,9 @@ class TemporalQueryPassing(nn.Module):
         b = images.shape[0] // 2
         mask_feats, f_mask, x6 = self.model.features(images)  # (2B, E, h, w), (2B, D, h, w), (2B, C6, ..)
         dec = self.model.instance_decoder
-        q = dec.forward_global(x6[:b])  # (B, N, hidden): frame t's queries
-        out_t = self.model.decode(dec.heads(dec.forward_local(q, f_mask[:b])), mask_feats[:b])
-        out_d = self.model.decode(dec.heads(dec.forward_local(q, f_mask[b:])), mask_feats[b:])  # passed to t + d
+        q, pos, _ = dec.forward_global(x6[:b], f_mask[:b])  # (B, N, hidden): frame t's queries
+        out_t = self.model.decode(dec.heads(dec.forward_local(q, pos, f_mask[:b])), mask_feats[:b])
+        out_d = self.model.decode(dec.heads(dec.forward_local(q, pos, f_mask[b:])), mask_feats[b:])  # passed to t + d
         return out_t, out_d  # pred_masks (B, N, H/4, W/4) each
 
 
