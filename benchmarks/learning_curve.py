@@ -13,15 +13,11 @@ clock starts after the set-up (model, data sets) and counts data loading and opt
 
 - mobileinst-mnv2-imagenet: MobileNetV2 with ImageNet weights; mobileinst-topformer-t-scratch:
   TopFormer-T from random weights; both with the --mobileinst-cfg preset (default `hard_cpu`),
-  trained by `mobileinst.train.engine.Trainer` (its `step`, driven here so that the loop stops at
-  the budget and evaluates nothing meanwhile). The preset's lr schedule (warm-up, x0.1 at 210/270
-  and 250/270 of the run) is kept in shape but stretched to the largest budget: after every step
-  the run's length is re-estimated from the mean seconds per step so far and the schedule is
-  refitted to it, so that it ends where the run does, as ultralytics' `time` refits YOLO's after
-  every epoch (below). With the preset's own `iters` instead, a budget shorter than the preset
-  would cut a run before its lr decays, and a longer one would idle after it; a one-off timing
-  probe would end runs early (a fresh process's first steps are slow). The warm-up is the
-  preset's, capped at a quarter of the estimated run, as the trainer caps it.
+  trained by `mobileinst.train.engine.Trainer` with `time` = the largest budget (`mobileinst train
+  --time`): its lr schedule (the preset's: warm-up, then linear decay to zero) runs on the
+  training clock's progress, so it ends where the run does, as ultralytics' `time` refits YOLO's
+  after every epoch (below); no in-run evaluation. A step callback saves the checkpoint of each
+  smaller budget when the clock passes it (saving is off the clock).
   Scored with `mobileinst.evaluate.evaluator.validate` (the checkpoint's EMA weights if any).
 - yolo11n-seg, yolo26n-seg: built from their YAML (random weights: nothing is downloaded),
   trained by ultralytics' own trainer with `time` = the largest budget: it re-estimates the
@@ -77,46 +73,28 @@ def mobileinst_config(job: dict):
     model, weights = MOBILEINST[job["model"]]
     return TrainConfig.from_yaml(job["cfg"], data=job["data"], out_dir=job["out"], model=model,
                                  backbone_weights=weights, imgsz=job["imgsz"], seed=job["seed"],
-                                 workers=job["workers"], device="cpu", exist_ok=True)  # a rerun replaces
-
-
-def batches(trainer):
-    """The trainer's batches, epoch after epoch, as Trainer.train walks them."""
-    while True:
-        epoch, start = divmod(trainer.iteration, trainer.bpe)
-        trainer.train_loader.sampler.set_epoch(epoch, start)
-        yield from trainer.train_loader
-
-
-def fit_schedule(trainer, elapsed: float, seconds_left: float) -> None:
-    """Refit the trainer's lr schedule to end after `seconds_left` more, at the mean step time so far."""
-    from mobileinst.train.schedule import warmup_multistep
-    trainer.total = trainer.iteration + max(1, round(seconds_left * trainer.iteration / elapsed))
-    factor = warmup_multistep(trainer.total, min(trainer.cfg.warmup_iters, trainer.total // 4))
-    trainer.scheduler.lr_lambdas = [factor] * len(trainer.optimizer.param_groups)
+                                 workers=job["workers"], device="cpu", exist_ok=True,  # a rerun replaces
+                                 time=max(job["minutes"]), eval_interval=0)
 
 
 def train_to_budgets(trainer, minutes: list[float]) -> list[dict]:
-    """Step until the clock passes the last budget, the schedule fitted to it; save at each budget."""
+    """One run of the largest budget (`time` in the config: the trainer fits its lr schedule to
+    it and stops there); a checkpoint is saved each time the training clock passes a budget, from
+    the trainer's step callback (off the clock)."""
     import torch
-    pending, points, stream = sorted(minutes), [], batches(trainer)
-    paused, t0 = 0.0, time.perf_counter()
-    while pending:
-        trainer.step(*next(stream))
-        trainer.iteration += 1
-        elapsed = time.perf_counter() - t0 - paused
-        while pending and elapsed >= 60 * pending[0]:
-            t = time.perf_counter()
+    pending, points = sorted(minutes), []
+
+    def snapshot(t) -> None:
+        while pending and t.elapsed >= 60 * pending[0] - 1e-6:
             m = pending.pop(0)
-            trainer.save(f"budget-{m:g}min.pt")
-            points.append({"minutes": m, "seconds": round(elapsed, 1), "iterations": trainer.iteration,
-                           "epochs": round(trainer.iteration / trainer.bpe, 3),
-                           "schedule_iters": trainer.total, "torch_threads": torch.get_num_threads(),
-                           "weights": str(trainer.out / "weights" / f"budget-{m:g}min.pt")})
-            paused += time.perf_counter() - t
-        if pending:
-            fit_schedule(trainer, elapsed, 60 * pending[-1] - elapsed)
-    stream.close()
+            t.save(f"budget-{m:g}min.pt")
+            points.append({"minutes": m, "seconds": round(t.elapsed, 1), "iterations": t.iteration,
+                           "epochs": round(t.iteration / t.bpe, 3),
+                           "torch_threads": torch.get_num_threads(),
+                           "weights": str(t.out / "weights" / f"budget-{m:g}min.pt")})
+
+    trainer.add_callback("on_step_end", snapshot)
+    trainer.train()
     return points
 
 

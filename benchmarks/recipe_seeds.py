@@ -47,15 +47,28 @@ def run_seed(cfg: str, data: Path, out: Path, seed: int, threads: int, extra: li
         code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
     if code != 0:
         raise SystemExit(f"seed {seed}: training failed (exit {code}); see {out.parent / (out.name + '.log')}")
-    return summarise(out, seed)
+    return {**summarise(out, seed), "threads": threads}
 
 
 def summarise(run: Path, seed: int) -> dict:
-    rows = list(csv.DictReader(open(run / "results.csv")))
+    """The run's final evaluation (the last results.csv row with an AP; loss-only rows skipped)."""
+    rows = [r for r in csv.DictReader(open(run / "results.csv")) if r.get("AP")]
     aps = [float(r["AP"]) for r in rows]
     last = rows[-1]
+    speed = [float(r["images_per_s"]) for r in csv.DictReader(open(run / "results.csv"))
+             if r.get("images_per_s")]
     return {"seed": seed, "iterations": int(last["iteration"]), "AP": aps[-1], "best_AP": max(aps),
-            "AP50": float(last["AP50"]), "seconds": float(last["seconds"]), "run": str(run)}
+            **{k: float(last[k]) for k in ("AP50", "APs", "APm", "APl")},
+            "images_per_s": statistics.median(speed) if speed else 0.0,
+            "seconds": float(last["seconds"]), "run": str(run)}
+
+
+def ensure_data(data: str | None, out: Path) -> Path:
+    """--data, or the hard synthetic set (seed 0) written once under out/hard."""
+    path = Path(data) if data else out / "hard" / "data.yaml"
+    if not path.exists():
+        subprocess.run(CLI + ["data", "synth", "--preset", "hard", "--out", str(path.parent)], check=True, cwd=ROOT)
+    return path
 
 
 def main() -> None:
@@ -69,9 +82,7 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out) / Path(args.cfg).stem
     out.mkdir(parents=True, exist_ok=True)
-    data = Path(args.data) if args.data else Path(args.out) / "hard" / "data.yaml"
-    if not data.exists():
-        subprocess.run(CLI + ["data", "synth", "--preset", "hard", "--out", str(data.parent)], check=True, cwd=ROOT)
+    data = ensure_data(args.data, Path(args.out))
     extra = [a for a in args.extra if a != "--"]
     threads = max(1, (os.cpu_count() or 2) // args.jobs)
     with ThreadPoolExecutor(args.jobs) as pool:

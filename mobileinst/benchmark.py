@@ -55,6 +55,7 @@ import argparse
 import csv
 import difflib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -131,10 +132,20 @@ def add_parser(subparsers) -> None:
 
 def cmd_benchmark(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)  # a BenchmarkConfig: --cfg file, then the given options
-    run_benchmark(cfg.weights, cfg.data, formats=cfg.formats, threads=cfg.threads,
-                  imgsz=cfg.imgsz, runs=cfg.runs, warmup=cfg.warmup, conf=cfg.conf,
-                  int8=cfg.int8, calib=cfg.calib, calib_n=cfg.calib_n, out=cfg.out,
-                  command=_command_line())
+    rows = run_benchmark(cfg.weights, cfg.data, formats=cfg.formats, threads=cfg.threads,
+                         imgsz=cfg.imgsz, runs=cfg.runs, warmup=cfg.warmup, conf=cfg.conf,
+                         int8=cfg.int8, calib=cfg.calib, calib_n=cfg.calib_n, out=cfg.out,
+                         command=_command_line())
+    check_none_skipped(rows)
+
+
+def check_none_skipped(rows: list[dict]) -> None:
+    """A format asked for with --formats but not measured (its package missing) fails the
+    command (exit 2, after the table is written): a script must not read the run as success."""
+    skipped = [r for r in rows if str(r.get("status", "")).startswith("skipped")]
+    if skipped:
+        raise MobileInstError(f"--formats: {len(skipped)} requested format(s) not measured: "
+                              + "; ".join(str(r["status"]).removeprefix("skipped: ") for r in skipped))
 
 
 def _command_line() -> str | None:
@@ -714,12 +725,14 @@ def run_benchmark(weights: str | Path, data: str | Path, formats: list[str] | No
                 "statistic": "median", "command": command}
     table = markdown_table(rows)
     footer = footnote(settings, torch_val, notes)
-    (out_dir / "benchmark.md").write_text(table + "\n\n" + footer + "\n")
-    with open(out_dir / "benchmark.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: _csv_value(row.get(k)) for k in COLUMNS})
+    from .utils import write_bytes  # atomic; a full disk is one line naming the file
+    write_bytes(out_dir / "benchmark.md", (table + "\n\n" + footer + "\n").encode())
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: _csv_value(row.get(k)) for k in COLUMNS})
+    write_bytes(out_dir / "benchmark.csv", text.getvalue().encode())
     from .utils import write_json
     write_json(out_dir / "benchmark.json", {"settings": settings, "machine": machine_info(),
                                              "rows": [_jsonable(r) for r in rows],

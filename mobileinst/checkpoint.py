@@ -11,7 +11,6 @@ for any other global is refused with one line.
 """
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import utils
 from .errors import CheckpointError
 from .models.mobileinst import MobileInst
 from .registry import ModelConfig
-from .utils import temp_file_beside
 
 FORMAT_VERSION = 2  # 2: RNG state as tensors / plain values (loads with weights_only=True)
 # What a format-1 file's pickled NumPy RNG state needs; array reconstruction runs no user code.
@@ -35,19 +34,10 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`.
 
     A process killed at any moment leaves either the old file or the new one, never a torn one.
+    A failed write (a full disk: ENOSPC) is a MobileInstError naming the file and the errno.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({**state, "format_version": FORMAT_VERSION}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with utils.atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
+        torch.save({**state, "format_version": FORMAT_VERSION}, f)  # a file: ENOSPC is an OSError
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -73,7 +63,46 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {version!r} is newer than this mobileinst "
                               f"reads (format {FORMAT_VERSION}): upgrade mobileinst to load it")
+    check_contents(path, ckpt)
     return ckpt
+
+
+def check_contents(path: Path, ckpt: dict[str, Any]) -> None:
+    """The types of what every verb reads from a checkpoint, and a usable training size;
+    CheckpointError naming the file and the field otherwise (an edited or foreign file)."""
+    def fail(key: str, want: str) -> CheckpointError:
+        return CheckpointError(f"{path}: '{key}' must be {want}, got {_shown(ckpt.get(key))}")
+    for key in ("model", "model_config"):
+        if not isinstance(ckpt[key], dict):
+            raise fail(key, "a dict")
+    ema = ckpt.get("ema")
+    if ema and not (isinstance(ema, dict) and isinstance(ema.get("module"), dict)
+                    and isinstance(ema.get("updates", 0), int)):
+        raise fail("ema", "null or {'module': state dict, 'updates': int}")
+    if not _all(ckpt.get("class_names"), str):
+        raise fail("class_names", "a list of strings")
+    if not _all(ckpt.get("cat_ids"), int):
+        raise fail("cat_ids", "a list of integers")
+    train_cfg = ckpt.get("train_config")
+    if train_cfg is not None and not isinstance(train_cfg, dict):
+        raise fail("train_config", "a dict")
+    imgsz = (train_cfg or {}).get("imgsz", 640)
+    low, high = utils.IMGSZ_RANGE
+    if isinstance(imgsz, bool) or not isinstance(imgsz, int) or not low <= imgsz <= high:
+        raise CheckpointError(f"{path}: training size imgsz {imgsz!r} is outside [{low}, {high}] "
+                              "(below 32 px the network has no stride-32 level; above 4096 one "
+                              "image's activations outgrow this machine's memory): an edited file?")
+
+
+def _all(values: Any, kind: type) -> bool:
+    """`values` absent/empty, or a list (tuple) of `kind` only (bool is no int)."""
+    return not values or (isinstance(values, (list, tuple)) and all(
+        isinstance(v, kind) and not isinstance(v, bool) for v in values))
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
 
 
 def _unsafe_globals(path: Path) -> str:

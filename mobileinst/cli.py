@@ -47,18 +47,20 @@ def cmd_info(args: argparse.Namespace) -> None:
 # -- data --------------------------------------------------------------------------------------
 def cmd_data(args: argparse.Namespace) -> None:
     if args.data_command == "synth":
-        from .utils import check_output_dir, check_range
+        from .utils import SEED_RANGE, check_output_dir, check_range
         check_output_dir(args.out, "dataset folder (--out)")
         check_range("--n-train", args.n_train, 1, 10**6)
         check_range("--n-val", args.n_val, 1, 10**6)
+        check_range("--seed", args.seed, *SEED_RANGE)
         if args.video and args.preset != "demo":
             raise MobileInstError(f"--preset {args.preset} has no video version; drop --video or --preset")
         from .utils import write_new_files  # never over files of the user's (--exist-ok: beside them)
+        kw = {k: v for k, v in (("n_train", args.n_train), ("n_val", args.n_val)) if v}
         if args.video:
             from .data.synthetic_video import make_synthetic_ytvis
-            path = write_new_files(args.out, lambda d: make_synthetic_ytvis(d, seed=args.seed), args.exist_ok)
+            path = write_new_files(args.out, lambda d: make_synthetic_ytvis(d, seed=args.seed, **kw),
+                                   args.exist_ok)
         else:
-            kw = {k: v for k, v in (("n_train", args.n_train), ("n_val", args.n_val)) if v}
             if args.preset == "hard":
                 from .data.synthetic_hard import make_hard_coco as make
             else:
@@ -118,16 +120,20 @@ TRAIN_SWITCHES = {  # boolean TrainConfig fields, settable both ways on the CLI
 def cmd_train(args: argparse.Namespace) -> None:
     from .train.config import TrainConfig
     from .train.dist import env_rank
-    from .train.engine import train
     overrides = {k: getattr(args, k) for k in TRAIN_OPTIONS}
     if args.iters is not None and args.iters < 1:
         raise MobileInstError(f"--iters must be >= 1, got {args.iters} (leave it out to train --epochs)")
+    if args.time is None and (args.iters is not None or args.epochs is not None):
+        overrides["time"] = 0.0  # a length in iterations or epochs replaces a preset's time budget
     overrides.update(data=args.data, **{k: getattr(args, k) for k in TRAIN_SWITCHES})
     cfg = (TrainConfig.from_yaml(args.cfg, **overrides) if args.cfg else
            TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None}))
+    from .utils import check_memory  # a batch of the largest images: at least inference's memory
+    check_memory("--imgsz", cfg.imgsz, round(cfg.imgsz * 853 / 640), cfg.batch, "training")
     resume = args.resume
     if resume == "auto" and not cfg.out_dir:
         raise MobileInstError("--resume without a path needs --out-dir (the run folder to resume)")
+    from .train.engine import train
     result = train(cfg, resume=resume)
     if env_rank() == 0:  # once, not once per torchrun process
         skipped = f"; {result['skipped_images']} unreadable images skipped" if result.get("skipped_images") else ""
@@ -169,6 +175,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
+    from .utils import SEED_RANGE, check_range
+    check_range("--seed", args.seed, *SEED_RANGE)
     run_demo(args.out, fast=args.fast, seed=args.seed)
 
 
@@ -284,6 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mobileinst {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # not wrapped where it happened (a third-party writer); --verbose: traced
+        if args.verbose:
+            raise
+        from .utils import os_reason
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"mobileinst {args.command}: error: {where}{os_reason(e)}", file=sys.stderr)
+        return 2
     return 0
 
 

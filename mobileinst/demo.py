@@ -27,7 +27,7 @@ def demo_config(data_yaml: Path, out_dir: Path, fast: bool, seed: int = 0) -> Tr
     cfg = TrainConfig.from_yaml(preset, data=str(data_yaml), out_dir=str(out_dir), seed=seed,
                                 exist_ok=True)
     if fast:  # a smoke test of every step, not a model worth anything
-        cfg.iters, cfg.eval_interval = 4, 4
+        cfg.time, cfg.iters, cfg.eval_interval = 0.0, 4, 4
     return cfg
 
 
@@ -43,7 +43,8 @@ def run_demo(out: str | Path = "runs/demo", fast: bool = False, seed: int = 0) -
     print(f"wrote {data}")
 
     cfg = demo_config(data, out / "train", fast, seed)
-    step(f"2/5 training {cfg.model} from ImageNet weights for {cfg.iters} iterations at {cfg.imgsz} px")
+    length = f"{cfg.time:g} minutes" if cfg.time else f"{cfg.iters} iterations"
+    step(f"2/5 training {cfg.model} from ImageNet weights for {length} at {cfg.imgsz} px")
     train(cfg)
     weights = out / "train" / "weights" / "best.pt"
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -15,19 +16,64 @@ from typing import Any, Callable, Iterator
 from .errors import MobileInstError
 
 
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write JSON atomically (temp file + rename): an interrupted write never leaves half a file."""
+def write_json(path: str | Path, obj: Any, indent: int | None = None) -> Path:
+    """Write JSON atomically (temp file + rename): an interrupted write never leaves half a file,
+    a failed one (`atomic_path`) is a MobileInstError naming the file and the errno."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file_beside(path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent)
     return path
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """`data` written atomically at `path` (as `write_json`)."""
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[str]:
+    """The name of a new temporary file beside `path`, to be written by the block; renamed over
+    `path` when the block ends (after an fsync when `fsync`), removed when it fails. An OSError
+    (a full disk, a read-only or vanished folder) becomes a MobileInstError naming `path` and the
+    errno; `path` keeps its previous content and no temporary file is left."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = temp_file_beside(path)
+        os.close(fd)
+    except OSError as e:
+        raise write_error(path, e) from None
+    try:
+        yield tmp
+        if fsync:
+            _fsync(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(path, e) from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # gone already after the rename
+
+
+def _fsync(name: str) -> None:
+    fd = os.open(name, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_error(path: str | Path, e: OSError) -> MobileInstError:
+    """One line for a failed write: the file, the reason and the errno name (ENOSPC, ...)."""
+    return MobileInstError(f"{path}: could not be written: {os_reason(e)}")
+
+
+def os_reason(e: OSError) -> str:
+    """"No space left on device (ENOSPC)" for an OSError; its text when it has no errno."""
+    code = errno.errorcode.get(e.errno or 0)
+    return f"{e.strerror or e} ({code})" if code else str(e) or type(e).__name__
 
 
 def temp_file_beside(path: Path) -> tuple[int, str]:
@@ -241,3 +287,36 @@ def check_range(option: str, value: float | int | None, low: float, high: float)
 # Inference short side: the network needs 32 px (stride 32); above 4096 px the activations of one
 # image outgrow the machines this targets (a 10000 px run failed after a minute).
 IMGSZ_RANGE = (32, 4096)
+
+# Random seeds: NumPy's legacy seeding (np.random.seed, RandomState) takes 0 .. 2**32 - 1 only.
+SEED_RANGE = (0, 2**32 - 1)
+
+# Peak resident memory of inference per input pixel, one image: `predict --imgsz 4096` (a
+# 4096 x 5459 input) peaked at 4.7-5.5 GB (issue 23), about 250 bytes per pixel.
+INFER_BYTES_PER_PIXEL = 250
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(option: str, short: int, long: int, images: int = 1, what: str = "inference") -> None:
+    """MobileInstError before any work when `images` inputs of short x long pixels would need
+    more memory than is available (`INFER_BYTES_PER_PIXEL` each: training needs at least that)."""
+    need, have = INFER_BYTES_PER_PIXEL * short * long * images, available_memory()
+    if have is None or need <= have:
+        return
+    fits = int((have / images / INFER_BYTES_PER_PIXEL * 640 / 853) ** 0.5) // 32 * 32
+    batch = f" x {images} images" if images > 1 else ""
+    raise MobileInstError(
+        f"{option} {short}: {what} at {short}x{long}{batch} needs about {need / 1e9:.1f} GB "
+        f"(~{INFER_BYTES_PER_PIXEL} bytes per pixel), but only {have / 1e9:.1f} GB is available; "
+        f"use {option} {max(fits, 32)} or less" + (" or a smaller batch" if images > 1 else ""))

@@ -8,6 +8,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .errors import MobileInstError
+from .utils import atomic_path, write_bytes
+
 
 def color(i: int) -> tuple[int, int, int]:
     """A distinct RGB colour for instance / track i (golden-ratio hue steps)."""
@@ -74,9 +77,11 @@ def _caption(img: np.ndarray, text: str, xy: tuple[int, int], c: tuple[int, int,
 
 
 def save_rgb(path: str | Path, image: np.ndarray) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write {path}")
+    """An RGB image written atomically (`utils.write_bytes`: a failed write names the file)."""
+    ok, encoded = cv2.imencode(Path(path).suffix or ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise MobileInstError(f"{path}: could not be written: OpenCV cannot encode this format")
+    write_bytes(path, encoded.tobytes())
 
 
 def plot_curves(results_csv: str | Path, out_dir: str | Path) -> list[Path]:
@@ -103,7 +108,10 @@ def plot_curves(results_csv: str | Path, out_dir: str | Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(Path(out_dir) / fname, dpi=100)
-        plt.close(fig)
+        try:
+            with atomic_path(Path(out_dir) / fname) as tmp:
+                fig.savefig(tmp, dpi=100, format="png")
+        finally:
+            plt.close(fig)
         written.append(Path(out_dir) / fname)
     return written

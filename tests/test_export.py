@@ -47,7 +47,8 @@ def make_realistic(model: torch.nn.Module, image: np.ndarray) -> torch.nn.Module
     model.eval()
     x, _ = preprocess([image], 320, 427)
     mf = model.features(x)[0]
-    model.mask_decoder.mask_proj.bias.sub_(mf.mean((0, 2, 3)))
+    proj = model.mask_stride4 if model.mask_stride4 is not None else model.mask_decoder  # M's last conv
+    proj.mask_proj.bias.sub_(mf.mean((0, 2, 3)))
     raw = model.forward_raw(x)
     model.instance_decoder.kernel_head.weight.mul_(4.0 / raw["pred_masks"].std())
     model.instance_decoder.class_head.weight.mul_(2.0 / raw["pred_logits"].std())
@@ -148,7 +149,8 @@ def check_raw_parity(model, predictor: OnnxPredictor, h: int, w: int, n: int = 1
     with torch.no_grad():
         ref_inst = model.postprocess(model.inference_outputs(torch.from_numpy(
             images.transpose(0, 3, 1, 2).copy()).float()), (h, w))
-    got_inst = decode_outputs(got, (h, w), [(h, w)] * n, [(h, w)] * n, model.inference)
+    got_inst = decode_outputs(got, (h, w), [(h, w)] * n, [(h, w)] * n, model.inference,
+                              model.cfg.mask_upsample)
     return sum(assert_same_instances({k: v.numpy() for k, v in r.items()},
                                      {k: v.numpy() for k, v in g.items()})
                for r, g in zip(ref_inst, got_inst))

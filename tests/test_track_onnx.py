@@ -111,14 +111,17 @@ def fake_graph(path: Path, **meta: str) -> Path:
     """An Identity ONNX graph carrying mobileinst metadata (what OnnxVideoNet checks)."""
     import onnx
     from onnx import TensorProto, helper
-    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["B", 3, "H", "W"])
-    y = helper.make_tensor_value_info("mask_features", TensorProto.FLOAT, ["B", 3, "H", "W"])
-    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["mask_features"])], "g", [x], [y])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    proto.ir_version = 8
+    from mobileinst.infer.model_info import output_names
     base = {"producer": "mobileinst", "input_dtype": "float32", "dynamic": "true",
             "input_size": "null", "batch": "dynamic", "postprocess": "false", "graph": "raw",
             "model_config": json.dumps({"name": "a"}), "class_names": json.dumps(CLASSES)}
+    names = output_names({**base, **meta})  # the outputs its metadata names (checked on opening)
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["B", 3, "H", "W"])
+    ys = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", 3, "H", "W"]) for n in names]
+    nodes = [helper.make_node("Identity", ["images"], [n]) for n in names]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x], ys),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    proto.ir_version = 8
     for k, v in {**base, **meta}.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v

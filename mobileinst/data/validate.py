@@ -92,10 +92,19 @@ def check_layout(path: str | Path, data: Any) -> None:
             raise DataError(f"{path}: '{key}' must be a list, not {type(data[key]).__name__}")
 
 
+# Categories of one annotation file: pycocotools' accumulate holds precision and scores arrays of
+# 10 IoUs x 101 recalls x K categories x 4 areas x 3 max-dets doubles (97 kB per category each).
+MAX_CATEGORIES = 2000
+
+
 def check_categories(path: str | Path, categories: list) -> None:
     """Objects with a unique int id and, where given, a non-empty string name."""
     if not categories:
         raise DataError(f"{path}: no categories")
+    if len(categories) > MAX_CATEGORIES:
+        raise DataError(f"{path}: {len(categories)} categories, more than the {MAX_CATEGORIES} "
+                        "mobileinst takes (COCO evaluation keeps 2 x 12 kB per category and area; "
+                        "100k categories exhaust memory; LVIS has 1203)")
     seen: set[int] = set()
     for i, c in enumerate(categories):
         where = entry("category", i, c)

@@ -5,6 +5,8 @@ the images; rank 0 gathers the results and evaluates.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
@@ -16,12 +18,14 @@ from ..data.transforms import EvalTransform
 from ..data.ytvis import YtvisClips
 from ..errors import DataError, MobileInstError
 from ..infer.factory import load_predictor, load_trained
+from ..infer.model_info import ModelInfo
 from ..infer.predictor import Predictor
 from ..infer.results import result_records
 from ..models.postprocess import InferenceConfig
 from ..track.evaluate import evaluate_video_model
 from ..train import dist
-from ..utils import IMGSZ_RANGE, check_output_file, check_range, resolve_device, write_json
+from ..utils import (IMGSZ_RANGE, check_memory, check_output_file, check_range, resolve_device,
+                     write_json)
 from .coco_eval import CocoMetrics, evaluate_coco, instances_to_coco_json
 
 
@@ -73,6 +77,20 @@ def predict_images(predictor: Predictor, dataset, progress: bool = True) -> list
     return records
 
 
+def check_same_classes(info: ModelInfo, dataset, weights: str | Path) -> None:
+    """DataError unless the model's classes are the data's, label by label: the same names under
+    the same category ids. Scoring a model on other classes (or on its own classes renumbered)
+    would write its labels under the wrong categories and report a meaningless AP."""
+    where = f"{dataset.json_path}: its categories are not the classes {weights} was trained on"
+    ours, theirs = list(zip(info.class_names, info.cat_ids)), list(zip(dataset.class_names, dataset.cat_ids))
+    if len(ours) != len(theirs):
+        raise DataError(f"{where} ({len(theirs)} categories, the model has {len(ours)})")
+    for k, ((name, cid), (dname, did)) in enumerate(zip(ours, theirs)):
+        if name != dname or cid != did:
+            raise DataError(f"{where}: label {k} is {name!r} (id {cid}) in the model but {dname!r} "
+                            f"(id {did}) in the data; validate on data with the model's classes")
+
+
 def validate_onnxruntime(weights: str, data: str, out: str | None = None, imgsz: int | None = None,
                          threads: int | None = None, backend: str = "onnxruntime") -> CocoMetrics:
     """`mobileinst val --backend onnxruntime` (or another runtime's backend): an exported file (or
@@ -85,9 +103,7 @@ def validate_onnxruntime(weights: str, data: str, out: str | None = None, imgsz:
     predictor = load_predictor(weights, backend=backend, imgsz=imgsz,
                                conf=InferenceConfig().score_threshold, threads=threads)
     dataset = CocoInstances(cfg.val.json, cfg.val.images, None, cfg.names)
-    if len(dataset.class_names) != len(predictor.class_names):
-        raise DataError(f"{cfg.val.json}: {len(dataset.class_names)} categories, but {weights} "
-                        f"predicts {len(predictor.class_names)}")
+    check_same_classes(predictor.info, dataset, weights)
     records = predict_images(predictor, dataset)
     if out:
         write_json(out, records)
@@ -115,11 +131,10 @@ def validate(weights: str, data: str, out: str | None = None, imgsz: int | None 
     model, info = load_trained(weights)  # the class names and ids are checked here
     cfg = load_data_config(data)
     imgsz = imgsz or info.imgsz
+    check_memory("--imgsz", imgsz, round(imgsz * 853 / 640), 1 if cfg.format == "ytvis" else batch)
     if cfg.format == "ytvis":  # video mask AP of the tracked val videos
         dataset = YtvisClips(cfg.val.json, cfg.val.images, EvalTransform(imgsz), cfg.names)
     else:
         dataset = CocoInstances(cfg.val.json, cfg.val.images, EvalTransform(imgsz), cfg.names)
-    if len(dataset.class_names) != model.cfg.num_classes:
-        raise DataError(f"{cfg.val.json}: {len(dataset.class_names)} categories, but {weights} "
-                        f"was trained for {model.cfg.num_classes}")
+    check_same_classes(info, dataset, weights)
     return evaluate_model(model.to(dev), dataset, batch, workers, dev, results_path=out)

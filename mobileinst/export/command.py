@@ -160,6 +160,8 @@ def check_export_options(args: argparse.Namespace) -> None:
         if not args.calib:
             raise MobileInstError("--int8 needs --calib: a DATA yaml (its train images) or a "
                                   "folder of real images")
+        from .quantize import calibration_files
+        calibration_files(args.calib)  # before the float graph is written
     if args.out:  # ncnn writes a folder, the others a file
         (check_output_dir if args.format == "ncnn" else check_output_file)(args.out, "export output (--out)")
     check_not_input(args.out or default_out(args), "export output (--out)",  # the default too

@@ -25,7 +25,6 @@ from ecosystem.md §2 and tests/test_runtimes.py:
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import shutil
 import tempfile
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import MobileInstError
+from ..utils import write_bytes, write_error, write_json
 from .fuse import fuse_conv_bn
 from .onnx import FEATURES_OUTPUTS, INPUT_NAME, PARTS, RAW_OUTPUTS, ExportGraph, FeaturesGraph, _metadata
 
@@ -112,8 +112,7 @@ def to_executorch(graph: nn.Module, x: torch.Tensor, out: Path) -> Path:
     from executorch.exir import to_edge_transform_and_lower
     program = to_edge_transform_and_lower(torch.export.export(graph, (x,)),
                                           partitioner=[XnnpackPartitioner()]).to_executorch()
-    out.write_bytes(program.buffer)
-    return out
+    return write_bytes(out, program.buffer)
 
 
 def to_litert(graph: nn.Module, x: torch.Tensor, out: Path) -> Path:
@@ -178,9 +177,7 @@ def write_metadata(model: nn.Module, graph: nn.Module, hw: tuple[int, int], fmt:
                    cat_ids: list[int] | None = None) -> Path:
     """The sidecar json of `meta_dict` beside `path` (`metadata_path`)."""
     meta = meta_dict(model, graph, hw, fmt, class_names, extra, cat_ids)
-    side = metadata_path(path)
-    side.write_text(json.dumps(meta, indent=1))
-    return side
+    return write_json(metadata_path(path), meta, indent=1)
 
 
 def export_format(fmt: str, model: nn.Module, out: str | Path, hw: tuple[int, int],
@@ -206,6 +203,8 @@ def export_format(fmt: str, model: nn.Module, out: str | Path, hw: tuple[int, in
         return path
     except MobileInstError:
         raise
+    except OSError as e:  # a full disk, a read-only folder: the file and the errno
+        raise write_error(out, e) from None
     except Exception as e:  # noqa: BLE001 - converters fail in their own ways; name the step
         raise MobileInstError(f"{fmt} conversion of {getattr(model.cfg, 'name', 'the model')} "
                               f"failed: {type(e).__name__}: {e}") from e

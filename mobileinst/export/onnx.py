@@ -105,7 +105,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -119,7 +118,7 @@ from .. import __version__
 from ..errors import MobileInstError
 from ..models.mobileinst import PIXEL_MEAN, PIXEL_STD
 from ..models.postprocess import InferenceConfig, maskness, query_scores
-from ..utils import temp_file_beside
+from ..utils import atomic_path
 from .fuse import fuse_conv_bn
 
 log = logging.getLogger("mobileinst.export")
@@ -590,17 +589,11 @@ def export_onnx(model: nn.Module, out: str | Path, imgsz: tuple[int, int] | int 
 
 
 def save_atomic(proto, out: Path) -> None:
-    """onnx.save to a temporary file in the same folder, then rename over `out`."""
+    """onnx.save to a temporary file in the same folder, then rename over `out` (`atomic_path`:
+    a failed write is a MobileInstError naming `out`, the old file intact)."""
     import onnx
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file_beside(out)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         onnx.save(proto, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _version() -> str:

@@ -37,10 +37,7 @@ def calibration_images(source: str | Path | Iterable[np.ndarray], n: int = 64) -
     DATA yaml (its TRAIN images: calibration must not see the split AP is measured on). At most
     `n`, spread evenly over the sorted list."""
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if path.suffix.lower() in (".yaml", ".yml"):
-            path = load_data_config(path).train.images
-        files = list_sources(path)
+        files = calibration_files(source)
         picks = np.linspace(0, len(files) - 1, min(n, len(files))).round().astype(int)
         images = [read_rgb(files[i]) for i in sorted(set(picks.tolist()))]
     else:
@@ -50,6 +47,15 @@ def calibration_images(source: str | Path | Iterable[np.ndarray], n: int = 64) -
     if not images:
         raise DataError(f"no calibration images in {source}")
     return images
+
+
+def calibration_files(source: str | Path) -> list[Path]:
+    """The image files of a calibration source (folder, glob, image file or DATA yaml: its train
+    images); DataError naming it when there are none. Cheap: `export --int8` checks it up front."""
+    path = Path(source)
+    if path.suffix.lower() in (".yaml", ".yml"):
+        path = load_data_config(path).train.images
+    return list_sources(path)
 
 
 class _Reader:

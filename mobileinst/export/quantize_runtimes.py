@@ -34,7 +34,6 @@ quantization) would give files that only macOS can run, which this package canno
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -45,6 +44,7 @@ import torch
 from torch import nn
 
 from ..errors import MobileInstError
+from ..utils import write_bytes, write_error, write_json
 from ..infer.model_info import ModelInfo
 from ..infer.preprocess import input_arrays
 from .formats import INT8_FORMATS, NO_INT8, graph_and_input, meta_dict, metadata_path, openvino_ir, require
@@ -103,8 +103,7 @@ def quantize_executorch(graph: nn.Module, x: torch.Tensor, out: Path, batches: l
     quantized = convert_pt2e(observed)
     program = to_edge_transform_and_lower(torch.export.export(quantized, (x,)),
                                           partitioner=[XnnpackPartitioner()]).to_executorch()
-    out.write_bytes(program.buffer)
-    return out
+    return write_bytes(out, program.buffer)
 
 
 QUANTIZERS = {"openvino": quantize_openvino, "executorch": quantize_executorch}
@@ -134,11 +133,13 @@ def quantize_format(fmt: str, model: nn.Module, out: str | Path, hw: tuple[int, 
         path = QUANTIZERS[fmt](graph, x, out, batches)
     except MobileInstError:
         raise
+    except OSError as e:  # a full disk, a read-only folder: the file and the errno
+        raise write_error(out, e) from None
     except Exception as e:  # noqa: BLE001 - each tool fails in its own way; name the step
         raise MobileInstError(f"{fmt} int8 quantization of {getattr(model.cfg, 'name', 'the model')} "
                               f"failed: {type(e).__name__}: {str(e).strip()[:500]}") from e
     meta["int8"] = f"{SCHEMES[fmt]}; calibrated on {len(images)} images of {source}"
-    metadata_path(path).write_text(json.dumps(meta, indent=1))
+    write_json(metadata_path(path), meta, indent=1)
     return path
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, MobileInstError
-from .model_info import ModelInfo
+from .model_info import ModelInfo, output_names
 from .predictor import Predictor
 from .preprocess import to_input
 
@@ -62,7 +62,26 @@ def open_session(path: str | Path, threads: int = 1):
     if meta.get("producer") != "mobileinst":
         raise CheckpointError(f"{path}: an ONNX model without mobileinst metadata (not made by "
                               "`mobileinst export`): its input and outputs are unknown")
+    check_graph(path, sess, ModelInfo.from_metadata(path, meta), output_names(meta))
     return sess, meta
+
+
+def check_graph(path: Path, sess, info: ModelInfo, outputs: tuple[str, ...]) -> None:
+    """CheckpointError unless the graph takes the input and gives the outputs its metadata names
+    (metadata copied onto another graph would fail inside onnxruntime, or decode wrongly)."""
+    inputs = sess.get_inputs()
+    shape = list(inputs[0].shape) if len(inputs) == 1 else []
+    if len(inputs) != 1 or len(shape) != 4 or shape[1] != 3:
+        raise CheckpointError(f"{path}: the graph's inputs ({', '.join(i.name for i in inputs)}) are "
+                              "not the one (B, 3, H, W) image input its mobileinst metadata describes")
+    if info.input.size and any(isinstance(d, int) and d != want
+                               for d, want in zip(shape[2:], info.input.size)):
+        raise CheckpointError(f"{path}: the graph's input is {shape}, its metadata says "
+                              f"{info.input.size[0]}x{info.input.size[1]}")
+    missing = sorted(set(outputs) - {o.name for o in sess.get_outputs()})
+    if missing:
+        raise CheckpointError(f"{path}: the graph lacks the outputs its mobileinst metadata names "
+                              f"({', '.join(missing)}): the metadata belongs to another graph")
 
 
 def _ort():

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import MobileInstError
+from ..utils import check_memory
 from ..models.mobileinst import PIXEL_MEAN
 from .model_info import InputSpec
 
@@ -31,7 +32,9 @@ def prediction_sizes(spec, imgsz: int | None, max_size: int | None, trained: int
     side, else imgsz (default the training size); the cap defaults to short * 853 / 640
     (SparseInst's test size 640 / 853). spec: the network's InputSpec."""
     short = min(spec.size) if spec.size else int(imgsz or trained)
-    return short, max_size or round(short * 853 / 640)
+    long = max_size or round(short * 853 / 640)
+    check_memory("--imgsz", short, max(spec.size) if spec.size else long)  # before any image
+    return short, long
 
 
 def preprocess(images: list[np.ndarray], imgsz: int, max_size: int, divisor: int = 32

@@ -22,6 +22,7 @@ import importlib.util
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ import torch
 from ..errors import CheckpointError, MobileInstError
 from ..export.formats import metadata_path
 from ..export.onnx import RAW_OUTPUTS, read_metadata
-from .model_info import ModelInfo
+from .model_info import ModelInfo, output_names
 from .ort import ExportedPredictor
 
 # backend -> (python module of its runtime, pip extra)
@@ -274,21 +275,30 @@ def load_metadata(path: str | Path) -> dict[str, str]:
     (`mobileinst.export.formats.metadata_path`). CheckpointError when there is none."""
     path = Path(path)
     if path.suffix.lower() == ".onnx":
-        meta = read_metadata(path)
+        try:
+            meta = read_metadata(path)
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, OSError, ...
+            raise CheckpointError(f"{path}: not a readable ONNX file (corrupt, truncated or another "
+                                  f"format): {type(e).__name__}") from None
     else:
         side = metadata_path(path)
         if not side.is_file():
             raise CheckpointError(f"{path}: no {side} (written by `mobileinst export`): its "
                                   "class names and input size are unknown")
-        meta = json.loads(side.read_text())
-    if meta.get("producer") != "mobileinst":
+        meta = read_sidecar(side)
+    if not isinstance(meta, dict) or meta.get("producer") != "mobileinst":
         raise CheckpointError(f"{path}: its metadata was not written by mobileinst")
+    ModelInfo.from_metadata(path, meta)  # every field checked once, here, before any use
     return meta
 
 
-def output_names(meta: dict[str, str]) -> tuple[str, ...]:
-    """The outputs an export's metadata lists, in order (older files: the raw network's)."""
-    return tuple(json.loads(meta["outputs"])) if "outputs" in meta else tuple(RAW_OUTPUTS)
+def read_sidecar(side: Path) -> Any:
+    """The parsed sidecar json; CheckpointError naming it when it is not json."""
+    try:
+        return json.loads(side.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:200]
+        raise CheckpointError(f"{side}: not a readable metadata json: {why}") from None
 
 
 class RuntimePredictor(ExportedPredictor):

@@ -8,6 +8,11 @@ logits, an objectness logit and a mask kernel per query.
 
 The two halves are separate methods because temporal query passing (video training) runs the
 global half on frame t and the local half on frame t + d.
+
+Two options, off in the paper's variants: `query_proposal` takes the queries from the image (the
+local tokens' class peaks, `query_proposal.QueryProposal`, FastInst) instead of learned
+embeddings; `query_groups` G > 1 adds G - 1 query groups in training only (Group DETR), run as
+extra batch rows so self-attention stays within a group. Inference uses group 0.
 """
 from __future__ import annotations
 
@@ -63,7 +68,7 @@ class DualTransformerDecoder(nn.Module):
                  kernel_dim: int = 128, local_pool: int = 8, query_groups: int = 1,
                  query_proposal: bool = False) -> None:
         super().__init__()
-        self.dim, self.local_pool, self.groups = dim, local_pool, query_groups
+        self.dim, self.local_pool = dim, local_pool
         self.query_feat = nn.Embedding(num_queries, dim)
         self.query_pos = nn.Embedding(num_queries, dim)
         # training-only query groups 1..G-1 (Group DETR); inference and export use group 0 above

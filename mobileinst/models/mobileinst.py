@@ -135,7 +135,7 @@ class MobileInst(nn.Module):
         outs = []
         for g in range(groups):
             out = {**self.decode(group_of(heads, groups, g), mask_feats), **where}
-            if aux is not None:
+            if aux is not None and g == 0:  # deep supervision of group 0 only: it is the one kept
                 out["aux_outputs"] = [{**self.decode(group_of(aux, groups, g), mask_feats), **where}]
             outs.append(out)
         if groups > 1:

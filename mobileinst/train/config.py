@@ -118,7 +118,8 @@ LIMITS = [("iters", 0, 10**9), ("time", 0, 10**6), ("ema_tau", 1, 10**9), ("free
           ("log_interval", 1, 10**9), ("epochs", 1, 10**6), ("imgsz", 32, 4096), ("batch", 1, 4096),
           ("workers", 0, 256), ("lr", 0, 1), ("weight_decay", 0, 1), ("backbone_lr_mult", 0, 10),
           ("warmup_iters", 0, 10**9), ("grad_clip", 0, 1e6), ("ema_decay", 0, 1),
-          ("eval_interval", 0, 10**9), ("save_interval", 0, 10**9), ("num_queries", 1, 1000)]
+          ("eval_interval", 0, 10**9), ("save_interval", 0, 10**9), ("num_queries", 1, 1000),
+          ("seed", 0, 2**32 - 1)]
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,),
           "list": (list,)}
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",

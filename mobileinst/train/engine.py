@@ -35,7 +35,7 @@ from ..models.pretrained import resolve_backbone_weights
 from ..models.factory import build_model
 from ..models.weights import load_backbone_weights
 from ..registry import get_config
-from ..utils import check_output_dir, keep_freed_memory, resolve_device
+from ..utils import atomic_path, check_output_dir, keep_freed_memory, resolve_device, write_error
 from ..viz import plot_curves
 from . import dist
 from .config import TrainConfig, resumed_config
@@ -52,6 +52,14 @@ CSV_FIELDS = ["iteration", "epoch", "lr", "loss", "loss_cls", "loss_dice", "loss
               "loss_aux", "loss_groups", "loss_proposal", "AP", "AP50", "AP75", "APs", "APm", "APl",
               "seconds", "images_per_s"]
 PLOT_EVERY_S = 60.0  # loss.png is redrawn at most this often (and at every evaluation)
+
+
+class QuietFileHandler(logging.FileHandler):
+    """train.log: a line that cannot be written (a full disk) is dropped, not printed as a
+    traceback; the run's next write (results.csv, a checkpoint) stops it with one clear line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
 
 
 def rng_state() -> dict[str, Any]:
@@ -170,6 +178,9 @@ class Trainer:
         self.criterion = MobileInstCriterion(HungarianMatcher(), num_classes=len(self.class_names))
         self.video = getattr(self.train_set, "is_video", False)
         net, self.loss_fn = self.model, self.criterion
+        if self.video and (self.model_cfg.query_proposal or self.model_cfg.query_groups > 1):
+            raise MobileInstError("query_proposal and query_groups are image-training options: video "
+                                  "training (temporal query passing) does not train them")
         if self.video:  # temporal query passing on clips (train/video.py)
             net, self.loss_fn = TemporalQueryPassing(self.model), VideoCriterion(self.criterion)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.lr)
@@ -182,7 +193,7 @@ class Trainer:
         self.clock, self.elapsed = clock, 0.0  # seconds on the training clock (kept on resume)
         self._t_last, self._last_plot, self._row_start = 0.0, 0.0, (0, 0.0)
         self.callbacks: dict[str, list[Callable[["Trainer"], None]]] = {"on_step_end": []}
-        self._stop = False
+        self._stop = self._done = False
         self.ddp = (DistributedDataParallel(net, device_ids=[self.device.index]
                                             if self.device.type == "cuda" else None)
                     if dist.is_dist() else net)
@@ -270,12 +281,12 @@ class Trainer:
         if not dist.is_main():
             return
         (self.out / "weights").mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(self.out / "train.log")
+        handler = QuietFileHandler(self.out / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False  # the console gets these lines through tqdm.write
-        with open(self.out / "config.yaml", "w") as f:
+        with atomic_path(self.out / "config.yaml") as tmp, open(tmp, "w") as f:
             yaml.safe_dump({"train": self.cfg.to_dict(), "model": self.model_cfg.to_dict(),
                             "class_names": list(self.class_names)}, f, sort_keys=False)
         self._prepare_csv(resumed)
@@ -292,8 +303,8 @@ class Trainer:
         if resumed and path.exists():
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= self.iteration]
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, CSV_FIELDS)
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
 
@@ -310,7 +321,8 @@ class Trainer:
         self.callbacks[event].append(fn)
 
     def request_stop(self) -> None:
-        """End the run after the current step: it is evaluated and saved as at its planned end."""
+        """End the run after the current step: it is evaluated and saved as at its planned end.
+        Under torchrun, every worker must call it at the same step."""
         self._stop = True
 
     def progress(self) -> float:
@@ -320,9 +332,14 @@ class Trainer:
         return min(1.0, self.iteration / self.total)
 
     def finished(self) -> bool:
-        """Same answer on every torchrun worker (the main process's clock decides)."""
-        done = self._stop or self.progress() >= 1.0
-        return dist.broadcast_object(done) if self.budget_s and dist.is_dist() else done
+        """Whether the run has reached its end (as of the last step, or a stop request)."""
+        return self._done or self._stop
+
+    def _update_finished(self) -> None:
+        """Decide, once per step, whether the run is at its end: the same answer on every torchrun
+        worker (the main process's clock decides a time budget)."""
+        done = self.progress() >= 1.0
+        self._done = dist.broadcast_object(done) if self.budget_s and dist.is_dist() else done
 
     def _length(self) -> str:
         if self.budget_s:
@@ -344,6 +361,7 @@ class Trainer:
                    desc="train", dynamic_ncols=True)
         self._t_last = self.clock()  # the training clock runs from here, plus what a resume had
         self._row_start = (self.iteration, self.elapsed)
+        self._update_finished()
         while not self.finished():
             epoch, start = divmod(self.iteration, self.bpe)
             self.train_loader.sampler.set_epoch(epoch, start)
@@ -352,6 +370,7 @@ class Trainer:
                 losses = self.step(images, targets)
                 self.iteration += 1
                 self._tick()
+                self._update_finished()
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{self._lr():.2e}")
                 self._after_step(losses)
@@ -362,6 +381,7 @@ class Trainer:
                 if self.finished() or self.iteration % self.bpe == 0:
                     break
         bar.close()
+        self.scheduler.set(self.iteration, self.progress())  # where the schedule ends (0 at a budget's end)
         self._evaluate_and_record()  # the end of the run (off the clock)
         self.save("last.pt")
         metrics = self._final_metrics()
@@ -471,9 +491,13 @@ class Trainer:
         return row
 
     def _write_row(self, row: dict[str, Any], plot: bool) -> None:
-        with open(self.out / "results.csv", "a", newline="") as f:
-            csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore").writerow(
-                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        path = self.out / "results.csv"
+        try:
+            with open(path, "a", newline="") as f:
+                csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore").writerow(
+                    {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        except OSError as e:  # a full disk: one line; the last checkpoint is intact
+            raise write_error(path, e) from None
         if plot:
             plot_curves(self.out / "results.csv", self.out)
             self._last_plot = self.elapsed
