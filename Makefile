@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup test test-slow test-runtimes demo bench-peers clean
+.PHONY: setup test test-slow test-runtimes test-web web-deps demo bench-peers clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,26 @@ test-runtimes: $(STAMP)
 	$(BIN)/python -m pip install -q torch==2.13.0 -e '.[dev,openvino,ncnn,executorch,litert,coreml]'
 	$(BIN)/python -c "import torch; assert torch.__version__.split('+')[0] == '2.13.0', torch.__version__"
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m 'slow or not slow' tests/test_runtimes.py tests/test_int8_runtimes.py tests/test_track_runtimes.py tests/test_export.py -k "runtime or int8 or ncnn or executorch or litert or coreml or openvino" --durations=10
+
+# The browser export (README "In the browser"). web-deps: onnxruntime-web, pinned exactly in
+# mobileinst/export/web.py (ORT_WEB_VERSION), from the npm registry into the git-ignored .web/;
+# `mobileinst export --format web` copies its dist files from there. test-web: Debian's chromium
+# (and node/npm) from apt when missing, then tests/test_web.py in headless Chromium, driven over
+# the DevTools protocol with the standard library (no browser download, no pip package).
+ORT_WEB := $(shell sed -n 's/^ORT_WEB_VERSION = "\([^"]*\)".*/\1/p' mobileinst/export/web.py)
+WEB_STAMP := .web/.installed-$(ORT_WEB)
+
+web-deps: $(WEB_STAMP)
+
+$(WEB_STAMP):
+	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm)
+	mkdir -p .web
+	npm install --prefix .web --no-audit --no-fund --save-exact onnxruntime-web@$(ORT_WEB)
+	touch $(WEB_STAMP)
+
+test-web: $(STAMP) web-deps
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m 'web or not web' tests/test_web.py --durations=5
 
 demo: $(STAMP)
 	$(BIN)/mobileinst demo

@@ -75,12 +75,14 @@ OUT = "runs/e2e_latency"
 
 # -- small helpers -------------------------------------------------------------------------------
 def tag(path: str | Path) -> str:
-    """runs/x/<model>/weights/budget-10min.pt -> <model>/budget-10min; yolo26n-seg.yaml -> itself."""
+    """runs/x/<model>/weights/budget-10min.pt -> x/<model>/budget-10min (the last three path parts
+    but `runs` and `weights`, so runs/a/train/weights/best.pt and runs/b/train/... differ);
+    yolo26n-seg.yaml -> itself."""
     p = Path(path)
     if p.suffix in (".yaml", ".yml"):
         return p.stem + " (random)"
-    parent = p.parent.parent if p.parent.name == "weights" else p.parent
-    return f"{parent.name}/{p.stem}" if parent.name else p.stem
+    parts = [x for x in p.with_suffix("").parts if x not in ("runs", "weights", ".", "..", "/")]
+    return "/".join(parts[-3:])
 
 
 def slug(s: str) -> str:

@@ -6,13 +6,16 @@
 
 The `base` row is the recommended preset (--cfg, default hard_cpu) with every lever below turned
 off: the recipe before them (step schedule, no EMA, nothing frozen, stride-8 masks, one query
-group, learned queries). Each lever row turns one lever on; `all` turns every one on; `recipe`
+group, learned queries, no copy-paste, crop or colour jitter). Each lever row turns one lever on; `all` turns every one on; `recipe`
 is the preset as it is; levers joined by '+' are on together:
   schedule   linear decay to zero over the budget and a short-ramp EMA (0.993, tau 100)
   freeze     freeze_at 3: the backbone up to stride 8 fixed, run without gradient
   stride4    mask features at stride 4 (mask_stride 4)
   groups     4 query groups in training (query_groups 4)
   proposal   queries proposed from the image (query_proposal)
+  copypaste  Simple Copy-Paste: another image's instances pasted with p = 0.5 (copy_paste 0.5)
+  crop       SparseInst's random crop (crop: true)
+  color      colour jitter 0.4 (color_jitter 0.4)
   topformer-scratch  the preset on TopFormer-T from random weights (freeze_at 0, backbone BN
              trained, backbone lr x1)
 Each run is `mobileinst train --cfg <row's YAML> --time M --seed S` (the YAML is written under
@@ -44,6 +47,9 @@ LEVERS = {
     "stride4": (({}, {"mask_stride": 4}), ({}, {"mask_stride": 8})),
     "groups": (({}, {"query_groups": 4}), ({}, {"query_groups": 1})),
     "proposal": (({}, {"query_proposal": True}), ({}, {"query_proposal": False})),
+    "copypaste": (({"copy_paste": 0.5}, {}), ({"copy_paste": 0.0}, {})),
+    "crop": (({"crop": True}, {}), ({"crop": False}, {})),
+    "color": (({"color_jitter": 0.4}, {}), ({"color_jitter": 0.0}, {})),
 }
 # the whole recipe on TopFormer-T from random weights (nothing to freeze; backbone lr x1)
 SCRATCH = {"model": "mobileinst-topformer-t", "backbone_weights": "", "freeze_at": 0,

@@ -43,9 +43,9 @@ from mobileinst.data.synthetic_video import make_synthetic_ytvis  # noqa: E402
 from mobileinst.data.ytvis import YtvisClips  # noqa: E402
 from mobileinst.evaluate.coco_eval import encode_mask  # noqa: E402
 from mobileinst.evaluate.ytvis_eval import evaluate_ytvis, load_ytvis_json  # noqa: E402
-from mobileinst.models.postprocess import InferenceConfig, maskness, upsample_masks  # noqa: E402
+from mobileinst.models.postprocess import InferenceConfig, class_scores, maskness, upsample_masks  # noqa: E402
 from mobileinst.infer.factory import load_trained  # noqa: E402
-from mobileinst.infer.model_info import ModelInfo  # noqa: E402
+from mobileinst.models.model_info import ModelInfo  # noqa: E402
 from mobileinst.infer.preprocess import preprocess  # noqa: E402
 from mobileinst.track.evaluate import EVAL_CONF, predict_videos  # noqa: E402
 from mobileinst.infer.video import VideoPredictor  # noqa: E402
@@ -100,7 +100,7 @@ def frame_instances(model, image: np.ndarray, imgsz: int, keep: float):
     maskness): labels (K,), scores (K,), class probs (K, C), masks (K, H, W) of score >= keep."""
     batch, sizes = preprocess([image], imgsz, round(imgsz * 853 / 640))
     raw = model.forward_raw(batch)
-    probs = (raw["pred_logits"][0].sigmoid() * raw["pred_scores"][0].sigmoid()).sqrt()  # (N, C)
+    probs = class_scores(raw["pred_logits"][0], raw["pred_scores"][0])  # (N, C)
     mask_prob = raw["pred_masks"][0].sigmoid()  # (N, H/4, W/4)
     thr = InferenceConfig().mask_threshold
     scores = probs.max(-1).values * maskness(mask_prob, thr)

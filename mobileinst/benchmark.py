@@ -24,8 +24,8 @@ torch.set_num_threads, OMP_NUM_THREADS, the runtime's own thread option), which:
 3. records its peak RSS, ru_maxrss (the process is started through a small launcher, so the
    benchmark's own, larger memory is not inherited: Linux carries ru_maxrss over exec), after
    load + warm-up + timed runs;
-4. scores the whole val split with `mobileinst.evaluate.evaluator.validate_onnxruntime`, the code
-   of `mobileinst val --backend X` (one image at a time, evaluation threshold, pycocotools), and
+4. scores the whole val split with `mobileinst.evaluate.evaluator.validate_images`, the code
+   of `mobileinst val --backend X` (evaluation decode: no final-score cut; pycocotools), and
    writes its COCO results json (records/NAME-tT.json).
 
 Parity, against the torch row at the first --threads value on the same val images: instances
@@ -331,7 +331,7 @@ def eager_predictor(weights: str | Path, hw: tuple[int, int], conf: float = 0.3)
     from dataclasses import replace
 
     from .checkpoint import model_from_checkpoint
-    from .infer.model_info import InputSpec, ModelInfo
+    from .models.model_info import InputSpec, ModelInfo
     from .infer.predictor import TorchPredictor
     model, ckpt = model_from_checkpoint(weights)
     info = ModelInfo.from_checkpoint(weights, ckpt)
@@ -390,7 +390,6 @@ def worker(job: dict) -> dict:
         pass
     from .data.coco import CocoInstances
     from .data.config import load_data_config
-    from .models.postprocess import InferenceConfig
     from .data.coco import read_rgb as read_image
 
     hw = tuple(job["hw"])
@@ -421,20 +420,19 @@ def worker(job: dict) -> dict:
               "peak_rss_mib": rss, "vmhwm_mib": hwm, "timed_runs": len(times),
               "timed_images": min(len(files), job["warmup"] + job["runs"])}
     # AP over the whole val split, by the code of `mobileinst val --backend X`
-    eval_threshold = InferenceConfig().score_threshold
     if job["backend"] == "torch":
         from .evaluate.coco_eval import evaluate_coco
         from .evaluate.evaluator import predict_images
         from .utils import write_json
-        predictor.conf = eval_threshold
+        predictor.conf = None  # evaluation, as `validate_images` decodes
         records = predict_images(predictor, val, progress=False)
         write_json(job["records"], records)
         metrics = evaluate_coco(val.json_path, records)
     else:
         del predictor
-        from .evaluate.evaluator import validate_onnxruntime
-        metrics = validate_onnxruntime(job["path"], job["data"], out=job["records"], threads=threads,
-                                       backend=job["backend"])
+        from .evaluate.evaluator import validate_images
+        metrics = validate_images(job["path"], job["data"], out=job["records"], threads=threads,
+                                  backend=job["backend"])
     rss_all, hwm_all = peak_rss_mib()
     result.update(mask_ap=metrics.AP, ap50=metrics.AP50, ap75=metrics.AP75,
                   peak_rss_with_eval_mib=rss_all, vmhwm_with_eval_mib=hwm_all,

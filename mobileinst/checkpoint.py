@@ -117,7 +117,7 @@ def model_from_checkpoint(path: str | Path, use_ema: bool = True):
     """Rebuild the network a checkpoint describes and load its weights (EMA ones when present).
 
     Returns (model in eval mode, checkpoint dict); what the model was trained on (class names,
-    category ids, size) is `infer.model_info.ModelInfo.from_checkpoint(path, ckpt)`."""
+    category ids, size) is `models.model_info.ModelInfo.from_checkpoint(path, ckpt)`."""
     ckpt = load_checkpoint(path)
     try:
         cfg = ModelConfig(**ckpt["model_config"])

@@ -99,6 +99,9 @@ TRAIN_OPTIONS = {  # CLI option -> (type, help); every one maps onto a TrainConf
     "freeze_at": (int, "fix the backbone's first levels, run without gradient: 1 = stride 2, "
                        "2 = up to stride 4 (detectron2's FREEZE_AT), ... (mobilenetv2; default 0)"),
     "ema_tau": (int, "EMA ramp in updates (default 2000; short runs: ~100)"),
+    "copy_paste": (float, "probability of pasting another training image's instances on top "
+                          "(Simple Copy-Paste; default 0, 0.5 in the hard_cpu preset)"),
+    "color_jitter": (float, "brightness/contrast/saturation factors in [1 - C, 1 + C]; default 0"),
     "save_interval": (int, "iterations between last.pt saves (default: the eval interval)"),
     "backbone_weights": (str, "'imagenet' (MobileNetV2: the installed torchvision file, sha256-checked) or the path of an official ImageNet checkpoint (loaded strictly)"),
     "device": (str, "auto | cpu | cuda | cuda:N (default auto: CUDA when available)"),
@@ -171,6 +174,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print(f"{summary['images']} images, {summary['instances']} instances "
           f"({summary['skipped']} unreadable skipped{names}); overlays and predictions.json in "
           f"{summary['out_dir']}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .serve import serve
+    serve(args.dir, host=args.host, port=args.port)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -270,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_track_parser(sub)
     add_export_parser(sub)
     add_benchmark_parser(sub)
+
+    p = sub.add_parser("serve", help="serve an `export --format web` folder (cross-origin isolated)")
+    p.add_argument("dir", help="the folder `mobileinst export --format web` wrote")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; "
+                   "0.0.0.0: every interface, for a phone on the same network)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="offline demo: synthetic data -> train -> val -> predict")
     p.add_argument("--out", default="runs/demo", help="folder for the demo's data and runs (default runs/demo)")

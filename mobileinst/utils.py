@@ -194,23 +194,56 @@ def same_file(a: str | Path, b: str | Path) -> bool:
         return False
 
 
+# Lock fds this process holds. flock belongs to the open file, which a fork shares: a data-loader
+# worker forked while a run holds its lock would keep the run locked after the run is killed
+# (until the orphan notices, seconds later). A forked child closes its copies at once.
+_HELD_LOCKS: set[int] = set()
+
+
+def _drop_locks_in_child() -> None:
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
+def try_flock(fd: int) -> bool:
+    """An exclusive non-blocking flock on fd, held by this process only (not by forked children);
+    False if another holds it. OSError where the file system has no flock."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    _HELD_LOCKS.add(fd)
+    return True
+
+
+def close_lock(fd: int) -> None:
+    """Release and close a `try_flock` fd."""
+    _HELD_LOCKS.discard(fd)
+    os.close(fd)  # the last reference to the open file: the lock goes with it
+
+
 @contextlib.contextmanager
 def folder_lock(folder: Path, what: str) -> Iterator[None]:
     """An exclusive flock on the folder itself while a command writes into it (nothing is created
     there); a second command writing into it meanwhile gets a MobileInstError naming `what`. The
     kernel drops the lock when the process dies. Where the file system has no flock, no lock."""
-    fd = os.open(folder, os.O_RDONLY)
+    fd = os.open(folder, os.O_RDONLY | os.O_CLOEXEC)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise MobileInstError(f"{folder}: another command is writing into this {what}; wait "
-                                  "for it or choose another one") from None
+            locked = try_flock(fd)
         except OSError:
-            pass
+            locked = True  # no flock here: no lock
+        if not locked:
+            raise MobileInstError(f"{folder}: another command is writing into this {what}; wait "
+                                  "for it or choose another one")
         yield
     finally:
-        os.close(fd)
+        close_lock(fd)
 
 
 # What mobileinst wrote into a folder the user named (`write_new_files`): relative paths, json.

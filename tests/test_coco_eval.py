@@ -234,3 +234,15 @@ def test_boundary_ap(gt):
     m = evaluate_coco(gt, perfect(), boundary=True, backend="pycocotools")
     assert m.backend == "pycocotools" and m.boundary["AP"] == pytest.approx(1.0)
     assert "boundary" in m.format_table()
+
+
+@pytest.mark.parametrize("counts", ["", "0" * 1000, "\x00\x01", "garbage", b"\xff"])
+def test_a_compressed_rle_that_does_not_cover_the_image_is_refused(counts):
+    """pycocotools decodes '' or '000...' into garbage memory (a 10x10 mask summing to thousands):
+    a results file's compressed RLE must cover its image exactly."""
+    from mobileinst.errors import DataError
+    from mobileinst.evaluate.coco_eval import encode_mask, segmentation_to_rle
+    with pytest.raises(DataError, match="det 3"):
+        segmentation_to_rle({"size": [10, 10], "counts": counts}, 10, 10, "det 3")
+    good = encode_mask(np.eye(10, dtype=bool))
+    assert segmentation_to_rle(good, 10, 10, "det 3") is good

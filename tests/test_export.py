@@ -24,7 +24,7 @@ from mobileinst.export.fuse import fuse_conv_bn, is_fused
 from mobileinst.export.onnx import example_images, export_onnx, read_metadata
 from mobileinst.export.quantize import quantize_int8
 from mobileinst.infer.factory import load_predictor
-from mobileinst.infer.model_info import ModelInfo
+from mobileinst.models.model_info import ModelInfo
 from mobileinst.infer.ort import OnnxPredictor
 from mobileinst.infer.predictor import TorchPredictor, decode_outputs
 from mobileinst.infer.preprocess import preprocess, to_input
@@ -573,7 +573,7 @@ def test_cli_val_onnxruntime_backend(tmp_path, capsys):
     got = json.loads(out.read_text())
     val = CocoInstances(data.parent / "annotations" / "instances_val.json", data.parent / "val")
     ref = predict_images(TorchPredictor(model.eval(), ModelInfo.for_model(model.cfg, names), imgsz=256,
-                                        conf=0.005), val, progress=False)
+                                        conf=None), val, progress=False, batch=4)  # as val runs it
     assert len(got) == len(ref) > 10
     key = lambda r: (r["image_id"], -r["score"])  # noqa: E731
     for a, b in zip(sorted(got, key=key), sorted(ref, key=key)):

@@ -26,7 +26,7 @@ from mobileinst import build_model
 from mobileinst.checkpoint import save_checkpoint
 from mobileinst.errors import MobileInstError
 from mobileinst.export.onnx import POSTPROCESS_OUTPUTS, RAW_OUTPUTS, ExportGraph
-from mobileinst.infer.model_info import ModelInfo
+from mobileinst.models.model_info import ModelInfo
 from mobileinst.infer.ort import ExportedPredictor
 from mobileinst.infer.predictor import TorchPredictor, decode_outputs
 from mobileinst.infer.preprocess import preprocess

@@ -186,7 +186,7 @@ def test_groups_change_nothing_at_inference(tmp_path):
 
 
 def test_proposal_stride4_model_exports_and_matches_pytorch(tmp_path):
-    from mobileinst.infer.model_info import ModelInfo
+    from mobileinst.models.model_info import ModelInfo
     from mobileinst.infer.ort import OnnxPredictor
     torch.manual_seed(0)
     model = make_realistic(build_model("mobileinst-mobilenetv2", num_classes=80, num_queries=20,
@@ -204,8 +204,11 @@ def test_cli_iters_replace_the_presets_time_budget(data, tmp_path):
     from mobileinst.cli import main
     out = tmp_path / "run"
     assert main(["train", "--cfg", "hard_cpu", "--data", str(data), "--out-dir", str(out),
-                 "--iters", "2", "--batch", "2", "--workers", "0", "--imgsz", "128"]) == 0
+                 "--iters", "2", "--batch", "2", "--workers", "0", "--imgsz", "128",
+                 "--copy-paste", "0.25"]) == 0
     import yaml
-    train_cfg = yaml.safe_load((out / "config.yaml").read_text())["train"]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    train_cfg = saved["train"]
     assert train_cfg["time"] == 0.0 and train_cfg["iters"] == 2
+    assert train_cfg["copy_paste"] == 0.25 and saved["model"]["mask_stride"] == 4  # CLI over preset
     assert "iteration 2/2" in (out / "train.log").read_text()

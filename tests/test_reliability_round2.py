@@ -187,7 +187,7 @@ DEEP = "[" * 100_000 + "]" * 100_000
 ])
 def test_export_metadata_fields_are_checked(change, words):
     from mobileinst.errors import CheckpointError
-    from mobileinst.infer.model_info import ModelInfo
+    from mobileinst.models.model_info import ModelInfo
     ModelInfo.from_metadata("m.onnx", good_meta())  # the reference passes
     with pytest.raises(CheckpointError) as e:
         ModelInfo.from_metadata("m.onnx", good_meta(**change))

@@ -2,6 +2,7 @@
 resumed run may be extended, a killed save's leftovers are cleaned, format-1 checkpoints resume."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import random
@@ -88,3 +89,35 @@ def test_format_1_checkpoint_still_resumes(data, tmp_path):
                     "python": random.getstate()}]
     torch.save(ckpt, last)
     assert train(_cfg(data, out, iters=3, eval_interval=3), resume="auto")["iterations"] == 3
+
+
+def test_a_killed_run_does_not_stay_locked_by_its_forked_children(tmp_path):
+    """kill -9 of a training leaves its data-loader workers alive for a few seconds: they must not
+    keep the run folder locked (a resume right after the kill is not refused)."""
+    import signal
+    import subprocess
+    import sys
+    script = (
+        "import os, sys, time\n"
+        "from pathlib import Path\n"
+        "from mobileinst.train.run_dir import RunLock\n"
+        "lock = RunLock(Path(sys.argv[1]))\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    time.sleep(60); os._exit(0)\n"
+        "print(child, flush=True)\n"
+        "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "run")],
+                            stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    try:
+        with pytest.raises(MobileInstError, match="another training is writing"):
+            RunLock(tmp_path / "run")  # the run holds it
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        os.kill(child, 0)  # the orphan is still alive
+        RunLock(tmp_path / "run").release()  # and yet the folder is free
+    finally:
+        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)

@@ -111,11 +111,11 @@ def fake_graph(path: Path, **meta: str) -> Path:
     """An Identity ONNX graph carrying mobileinst metadata (what OnnxVideoNet checks)."""
     import onnx
     from onnx import TensorProto, helper
-    from mobileinst.infer.model_info import output_names
+    from mobileinst.models.model_info import ModelInfo
     base = {"producer": "mobileinst", "input_dtype": "float32", "dynamic": "true",
             "input_size": "null", "batch": "dynamic", "postprocess": "false", "graph": "raw",
             "model_config": json.dumps({"name": "a"}), "class_names": json.dumps(CLASSES)}
-    names = output_names({**base, **meta})  # the outputs its metadata names (checked on opening)
+    names = ModelInfo.from_metadata(path, {**base, **meta}).outputs  # what opening checks
     x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["B", 3, "H", "W"])
     ys = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", 3, "H", "W"]) for n in names]
     nodes = [helper.make_node("Identity", ["images"], [n]) for n in names]

@@ -47,6 +47,9 @@ log = logging.getLogger("mobileinst.data")
 
 Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator],
                      tuple[np.ndarray, np.ndarray, np.ndarray]]
+# (dataset, image, labels, masks, rng) -> (image, labels, masks): a mix of two training images
+Mix = Callable[[Any, np.ndarray, np.ndarray, np.ndarray, np.random.Generator],
+               tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 def read_json(path: str | Path) -> Any:
@@ -140,9 +143,10 @@ class CocoInstances(Dataset):
     (degenerate annotations), `unreadable` (items whose image failed to load, all workers)."""
 
     def __init__(self, json_path: str | Path, image_dir: str | Path,
-                 transform: Transform | None = None, class_names: list[str] | None = None) -> None:
+                 transform: Transform | None = None, class_names: list[str] | None = None,
+                 mix: Mix | None = None) -> None:
         self.json_path, self.image_dir = Path(json_path), Path(image_dir)
-        self.transform = transform
+        self.transform, self.mix = transform, mix
         data = read_json(self.json_path)
         check_layout(self.json_path, data)
         check_categories(self.json_path, data["categories"])
@@ -238,8 +242,11 @@ class CocoInstances(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         image, labels, masks = self.load(index)
         orig = image.shape[:2]
+        rng = self._rng(seed) if self.transform is not None or self.mix is not None else None
+        if self.mix is not None:  # e.g. copy-paste (data/copy_paste.py), before the transform
+            image, labels, masks = self.mix(self, image, labels, masks, rng)
         if self.transform is not None:
-            image, masks, keep = self.transform(image, masks, self._rng(seed))
+            image, masks, keep = self.transform(image, masks, rng)
             labels = labels[keep]
         target = {"labels": torch.from_numpy(labels), "masks": torch.from_numpy(masks),
                   "image_id": self.images[index]["id"], "orig_size": tuple(orig),

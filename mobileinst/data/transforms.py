@@ -75,6 +75,18 @@ def random_crop(image: np.ndarray, masks: np.ndarray, crop_range: tuple[int, int
     return image[y0 : y0 + ch, x0 : x0 + cw], masks[:, y0 : y0 + ch, x0 : x0 + cw]
 
 
+def color_jitter(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Brightness, contrast and saturation each scaled by a factor drawn uniformly from
+    [1 - strength, 1 + strength] (torchvision ColorJitter's definitions, applied in that order)."""
+    brightness, contrast, saturation = rng.uniform(1 - strength, 1 + strength, 3)
+    img = image.astype(np.float32) * brightness  # (H, W, 3)
+    gray = img @ np.float32([0.299, 0.587, 0.114])  # (H, W)
+    img = (img - gray.mean()) * contrast + gray.mean()
+    gray = (img @ np.float32([0.299, 0.587, 0.114]))[..., None]
+    img = (img - gray) * saturation + gray
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
 def nonempty(masks: np.ndarray) -> np.ndarray:
     """(M, H, W) -> bool (M,): which masks still have a pixel."""
     return masks.reshape(len(masks), -1).any(1) if masks.size else np.zeros(len(masks), bool)
@@ -84,15 +96,17 @@ class TrainTransform:
     """(image (H, W, 3) uint8, masks (M, H, W) uint8, rng) -> augmented (image, masks, keep).
 
     Order as SparseInst's mapper: [crop with p=0.5 when enabled] -> multi-scale resize (short side
-    from `train_sizes(imgsz)`, long side <= `max_size`) -> horizontal flip with p=0.5."""
+    from `train_sizes(imgsz)`, long side <= `max_size`) -> horizontal flip with p=0.5, then
+    colour jitter of `color` strength when > 0."""
 
     random = True  # draws from the generator: the dataset must give it a seeded one
 
     def __init__(self, imgsz: int, flip: bool = True, crop: bool = False,
-                 sizes: list[int] | None = None, max_size: int | None = None) -> None:
+                 sizes: list[int] | None = None, max_size: int | None = None,
+                 color: float = 0.0) -> None:
         self.sizes = list(sizes) if sizes else train_sizes(imgsz)
         self.max_size = max_size or max_size_for(imgsz)
-        self.flip, self.crop = flip, crop
+        self.flip, self.crop, self.color = flip, crop, color
         s = imgsz / 640
         self.crop_short = [round(v * s) for v in (400, 500, 600)]
         self.crop_range = (round(384 * s), round(600 * s))
@@ -107,12 +121,14 @@ class TrainTransform:
         image, masks = resize(image, masks, resized_size(*image.shape[:2], short, self.max_size))
         if self.flip and rng.random() < 0.5:
             image, masks = image[:, ::-1], masks[:, :, ::-1]
+        if self.color > 0:
+            image = color_jitter(image, self.color, rng)
         keep = nonempty(masks)  # crops and downscaling can empty small instances
         return np.ascontiguousarray(image), np.ascontiguousarray(masks[keep]), keep
 
     def __repr__(self) -> str:
         return (f"TrainTransform(sizes={self.sizes}, max_size={self.max_size}, flip={self.flip}, "
-                f"crop={self.crop}: short {self.crop_short}, range {self.crop_range})")
+                f"crop={self.crop}: short {self.crop_short}, range {self.crop_range}, color={self.color})")
 
 
 class EvalTransform:

@@ -25,7 +25,8 @@ from typing import Any, ClassVar, Iterable
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from ..data.validate import check_annotation, check_categories, check_images, check_segmentation
+from ..data.validate import (check_annotation, check_categories, check_images, check_segmentation,
+                             rle_string_counts)
 from ..errors import DataError, MobileInstError
 
 log = logging.getLogger("mobileinst.eval")
@@ -77,14 +78,20 @@ def segmentation_to_rle(segm: Any, height: int, width: int, where: str) -> dict 
             if isinstance(segm["counts"], list):  # uncompressed RLE
                 check_before_c(segm, height, width, where)
                 return mask_utils.frPyObjects(segm, height, width)
-            if isinstance(segm["counts"], (str, bytes)):
+            if isinstance(segm["counts"], (str, bytes)):  # compressed: runs must cover the image
+                counts = segm["counts"]
+                text = counts.decode("ascii") if isinstance(counts, bytes) else counts
+                total = sum(rle_string_counts(text))
+                if total != height * width:
+                    raise DataError(f"{where}: compressed RLE counts sum to {total}, not "
+                                    f"{height} x {width} (pycocotools would read past the mask)")
                 return segm
         elif isinstance(segm, list) and segm and all(isinstance(p, list) for p in segm):
             check_before_c(segm, height, width, where)
             return mask_utils.merge(mask_utils.frPyObjects(segm, height, width))  # polygons
     except DataError:
         raise
-    except (TypeError, ValueError, IndexError, KeyError) as e:
+    except (TypeError, ValueError, IndexError, KeyError, UnicodeDecodeError) as e:
         raise DataError(f"{where}: unreadable segmentation ({e})") from None
     raise DataError(f"{where}: segmentation must be an RLE {{size, counts}} or a list of polygons, "
                     f"got {type(segm).__name__}")

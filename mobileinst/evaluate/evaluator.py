@@ -18,10 +18,9 @@ from ..data.transforms import EvalTransform
 from ..data.ytvis import YtvisClips
 from ..errors import DataError, MobileInstError
 from ..infer.factory import load_predictor, load_trained
-from ..infer.model_info import ModelInfo
 from ..infer.predictor import Predictor
 from ..infer.results import result_records
-from ..models.postprocess import InferenceConfig
+from ..models.model_info import ModelInfo
 from ..track.evaluate import evaluate_video_model
 from ..train import dist
 from ..utils import (IMGSZ_RANGE, check_memory, check_output_file, check_range, resolve_device,
@@ -67,13 +66,18 @@ def evaluate_model(model: torch.nn.Module, dataset, batch_size: int = 4, workers
     return evaluate_coco(dataset.json_path, records)
 
 
-def predict_images(predictor: Predictor, dataset, progress: bool = True) -> list[dict]:
+def predict_images(predictor: Predictor, dataset, progress: bool = True, batch: int = 1) -> list[dict]:
     """COCO results records of a Predictor (any backend) over every image of a CocoInstances
-    (read from disk and resized as `mobileinst predict` does), with the dataset's category ids."""
+    (read from disk and resized as `mobileinst predict` does), with the dataset's category ids;
+    `batch` images per call (each batch padded to its largest image, on every backend alike)."""
     records: list[dict] = []
-    for info in tqdm(dataset.images, desc="val", leave=False, dynamic_ncols=True, disable=not progress):
-        result = predictor(read_rgb(dataset.image_dir / info["file_name"]))
-        records += result_records(result, info["id"], info["file_name"], dataset.cat_ids)
+    images = dataset.images
+    for start in tqdm(range(0, len(images), batch), desc="val", leave=False, dynamic_ncols=True,
+                      disable=not progress):
+        chunk = images[start:start + batch]
+        results = predictor([read_rgb(dataset.image_dir / info["file_name"]) for info in chunk])
+        for info, result in zip(chunk, results):
+            records += result_records(result, info["id"], info["file_name"], dataset.cat_ids)
     return records
 
 
@@ -91,20 +95,23 @@ def check_same_classes(info: ModelInfo, dataset, weights: str | Path) -> None:
                             f"(id {did}) in the data; validate on data with the model's classes")
 
 
-def validate_onnxruntime(weights: str, data: str, out: str | None = None, imgsz: int | None = None,
-                         threads: int | None = None, backend: str = "onnxruntime") -> CocoMetrics:
-    """`mobileinst val --backend onnxruntime` (or another runtime's backend): an exported file (or
-    for onnxruntime a .pt, exported once and cached) on a COCO DATA file's val split, one image at
-    a time, at the evaluation threshold."""
+def validate_images(weights: str, data: str, out: str | None = None, imgsz: int | None = None,
+                    batch: int = 4, device: str = "auto", threads: int | None = None,
+                    backend: str = "torch") -> CocoMetrics:
+    """`mobileinst val` on images, every backend alike: the `Predictor` of `weights` on `backend`
+    (a .pt on torch, or exported once and cached for onnxruntime; an exported file on its
+    runtime) over a COCO DATA file's val split, `batch` images per call, decoded at the
+    evaluation setting (conf None), so the same checkpoint gives the same AP on every backend."""
     cfg = load_data_config(data)
     if cfg.format == "ytvis":
         raise MobileInstError(f"{data}: video val runs the tracker, which needs the PyTorch model "
                               "(--backend torch)")
-    predictor = load_predictor(weights, backend=backend, imgsz=imgsz,
-                               conf=InferenceConfig().score_threshold, threads=threads)
+    predictor = load_predictor(weights, backend=backend, imgsz=imgsz, conf=None, device=device,
+                               threads=threads)
     dataset = CocoInstances(cfg.val.json, cfg.val.images, None, cfg.names)
     check_same_classes(predictor.info, dataset, weights)
-    records = predict_images(predictor, dataset)
+    check_memory("--imgsz", predictor.imgsz, predictor.max_size, batch)
+    records = predict_images(predictor, dataset, batch=batch)
     if out:
         write_json(out, records)
     return evaluate_coco(dataset.json_path, records)
@@ -113,28 +120,26 @@ def validate_onnxruntime(weights: str, data: str, out: str | None = None, imgsz:
 def validate(weights: str, data: str, out: str | None = None, imgsz: int | None = None,
              batch: int = 4, device: str = "auto", workers: int = 2, backend: str = "torch",
              threads: int | None = None) -> CocoMetrics:
-    """`mobileinst val`: a checkpoint on a DATA file's val split; writes the results json to `out`.
-    A video DATA file (`video: true`) gives YouTube-VIS video mask AP (VisMetrics) instead.
-    backend "onnxruntime": `validate_onnxruntime` (images only)."""
+    """`mobileinst val`: a checkpoint (or an exported file) on a DATA file's val split; writes the
+    results json to `out`. Images: `validate_images` on any backend. A video DATA file
+    (`video: true`, torch only) gives YouTube-VIS video mask AP (VisMetrics) of the tracked val
+    videos instead. `workers` loads the video frames."""
     check_range("--batch", batch, 1, 4096)
     check_range("--workers", workers, 0, 256)
     check_range("--imgsz", imgsz, *IMGSZ_RANGE)
     check_range("--threads", threads, 1, 1024)
     dev = resolve_device(device)
+    cfg = load_data_config(data)
     if out:  # never over an input of this command
-        inputs = {"--weights": weights, "--data": data, "val json": load_data_config(data).val.json}
+        inputs = {"--weights": weights, "--data": data, "val json": cfg.val.json}
         check_output_file(out, "results json (--out)", inputs)
-    if backend != "torch":
-        return validate_onnxruntime(weights, data, out, imgsz, threads, backend)
+    if cfg.format != "ytvis" or backend != "torch":
+        return validate_images(weights, data, out, imgsz, batch, device, threads, backend)
     if threads:
         torch.set_num_threads(threads)
     model, info = load_trained(weights)  # the class names and ids are checked here
-    cfg = load_data_config(data)
     imgsz = imgsz or info.imgsz
-    check_memory("--imgsz", imgsz, round(imgsz * 853 / 640), 1 if cfg.format == "ytvis" else batch)
-    if cfg.format == "ytvis":  # video mask AP of the tracked val videos
-        dataset = YtvisClips(cfg.val.json, cfg.val.images, EvalTransform(imgsz), cfg.names)
-    else:
-        dataset = CocoInstances(cfg.val.json, cfg.val.images, EvalTransform(imgsz), cfg.names)
+    check_memory("--imgsz", imgsz, round(imgsz * 853 / 640), 1)
+    dataset = YtvisClips(cfg.val.json, cfg.val.images, EvalTransform(imgsz), cfg.names)
     check_same_classes(info, dataset, weights)
     return evaluate_model(model.to(dev), dataset, batch, workers, dev, results_path=out)

@@ -5,6 +5,7 @@
     mobileinst export --model mobileinst-topformer-t --imgsz 512 512       # random weights
     mobileinst export --weights best.pt --int8 --calib data.yaml --calib-n 64
     mobileinst export --weights best.pt --format ncnn                     # needs mobileinst[ncnn]
+    mobileinst export --weights best.pt --format web --out best_web        # a browser app (web.py)
 
     mobileinst predict --weights best.onnx --backend onnxruntime --source img.jpg
     mobileinst predict --weights best.pt --backend onnxruntime ...  # exports once, cached as
@@ -37,7 +38,9 @@ def add_parser(subparsers) -> None:
     src.add_argument("--weights", help="a mobileinst .pt checkpoint")
     src.add_argument("--model", help="a variant name with random weights (for benchmarking)")
     p.add_argument("--num-classes", type=int, default=80, help="classes of --model (default 80)")
-    p.add_argument("--format", choices=FORMATS, default="onnx", help="file format (default onnx)")
+    p.add_argument("--format", choices=(*FORMATS, "web"), default="onnx",
+                   help="file format (default onnx); web: a folder with the post-processed graph and "
+                        "a page that runs it in a browser (`make web-deps` first; `mobileinst serve`)")
     p.add_argument("--out", help="file to write (default: beside --weights, or ./MODEL.onnx)")
     p.add_argument("--imgsz", type=int, nargs="+", default=None,
                    help="S or H W: the fixed input size (default 640 640); with --dynamic, the "
@@ -90,7 +93,7 @@ def load_model(args: argparse.Namespace):
 
 def default_out(args: argparse.Namespace) -> Path:
     suffix = {"onnx": ".onnx", "openvino": ".xml", "ncnn": "_ncnn", "executorch": ".pte", "litert": ".tflite",
-              "coreml": ".mlpackage"}[args.format]
+              "coreml": ".mlpackage", "web": "_web"}[args.format]
     if args.weights:
         w = Path(args.weights)
         return w.with_name(w.stem + suffix)
@@ -113,6 +116,11 @@ def run(args: argparse.Namespace) -> None:
     hw = parse_imgsz(args.imgsz)
     out = Path(args.out) if args.out else default_out(args)
     t0 = time.perf_counter()
+    if args.format == "web":
+        from .web import run_web
+        print(f"wrote {run_web(args, model, info, hw, meta, out)} ({time.perf_counter() - t0:.0f} s): "
+              f"serve it with `mobileinst serve {out}`")
+        return
     if args.format != "onnx":
         from .formats import export_format
         from .quantize_runtimes import export_int8, int8_path
@@ -153,7 +161,7 @@ def check_export_options(args: argparse.Namespace) -> None:
     check_range("--num-classes", args.num_classes, 1, 100000)
     if args.int8:
         from .formats import INT8_FORMATS, NO_INT8
-        if args.format not in INT8_FORMATS:
+        if args.format not in (*INT8_FORMATS, "web"):  # web: the onnxruntime int8 graph
             raise MobileInstError(f"--int8 is not available for --format {args.format}: "
                                   f"{NO_INT8.get(args.format, 'no int8 tool')} (int8 formats: "
                                   f"{', '.join(INT8_FORMATS)})")
@@ -163,7 +171,7 @@ def check_export_options(args: argparse.Namespace) -> None:
         from .quantize import calibration_files
         calibration_files(args.calib)  # before the float graph is written
     if args.out:  # ncnn writes a folder, the others a file
-        (check_output_dir if args.format == "ncnn" else check_output_file)(args.out, "export output (--out)")
+        (check_output_dir if args.format in ("ncnn", "web") else check_output_file)(args.out, "export output (--out)")
     check_not_input(args.out or default_out(args), "export output (--out)",  # the default too
                     {"--weights": args.weights, "--calib": args.calib})
 

@@ -28,8 +28,9 @@ import importlib.util
 import logging
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -37,7 +38,8 @@ from torch import nn
 from ..errors import MobileInstError
 from ..utils import write_bytes, write_error, write_json
 from .fuse import fuse_conv_bn
-from .onnx import FEATURES_OUTPUTS, INPUT_NAME, PARTS, RAW_OUTPUTS, ExportGraph, FeaturesGraph, _metadata
+from ..models.model_info import FEATURES_OUTPUTS, INPUT_NAME, PARTS, RAW_OUTPUTS, ModelInfo, metadata_path
+from .onnx import ExportGraph, FeaturesGraph
 
 log = logging.getLogger("mobileinst.export")
 
@@ -152,54 +154,47 @@ CONVERTERS: dict[str, Callable[[nn.Module, torch.Tensor, Path], Path]] = {
 }
 
 
-def metadata_path(path: str | Path) -> Path:
-    """Where the sidecar metadata of an exported file lives: FOLDER/mobileinst.json for an NCNN
-    folder (or its model.ncnn.param), else PATH.json beside it (m.tflite -> m.tflite.json,
-    m.xml -> m.xml.json, m.mlpackage -> m.mlpackage.json)."""
-    path = Path(path)
-    if path.name == "model.ncnn.param":
-        path = path.parent
-    if (path / "model.ncnn.param").is_file():
-        return path / "mobileinst.json"
-    return path.with_name(path.name + ".json")
+def format_info(model: nn.Module, hw: tuple[int, int], part: str = "full",
+                class_names: list[str] | None = None, cat_ids: list[int] | None = None) -> ModelInfo:
+    """The `ModelInfo` of a file of another format: float32 input at a fixed (H, W), batch 1, raw
+    outputs (part "features": mask_features), the model's thresholds; names and ids the trained
+    model's (default "0".."C-1" and 1..C)."""
+    if part not in PARTS:
+        raise MobileInstError(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
+    base = replace(ModelInfo.for_model(model.cfg, class_names, cat_ids), inference=model.inference)
+    return base.for_graph("features" if part == "features" else "raw", hw, 1, "float32")
 
 
-def meta_dict(model: nn.Module, graph: nn.Module, hw: tuple[int, int], fmt: str,
-              class_names: list[str] | None, extra: dict | None,
-              cat_ids: list[int] | None = None) -> dict[str, str]:
-    """The ONNX export's metadata (`mobileinst.export.onnx`) for a float32, fixed, batch-1 graph."""
-    return _metadata(model, graph, hw, False, 1, "float32", class_names, fmt,
-                     {"format": fmt, **(extra or {})}, cat_ids)
-
-
-def write_metadata(model: nn.Module, graph: nn.Module, hw: tuple[int, int], fmt: str, path: Path,
-                   class_names: list[str] | None, extra: dict | None,
-                   cat_ids: list[int] | None = None) -> Path:
-    """The sidecar json of `meta_dict` beside `path` (`metadata_path`)."""
-    meta = meta_dict(model, graph, hw, fmt, class_names, extra, cat_ids)
-    return write_json(metadata_path(path), meta, indent=1)
+def sidecar_metadata(info: ModelInfo, fmt: str, extra: dict[str, Any] | None = None) -> dict[str, str]:
+    """The metadata of a `fmt` file (the ONNX export's, `ModelInfo.to_metadata`) + "format"."""
+    return info.to_metadata({"exporter": fmt, "format": fmt, **(extra or {})})
 
 
 def export_format(fmt: str, model: nn.Module, out: str | Path, hw: tuple[int, int],
                   class_names: list[str] | None = None, metadata: dict | None = None,
                   cat_ids: list[int] | None = None, part: str = "full") -> Path:
     """Export `model` to `fmt` at a fixed (H, W), batch 1, raw outputs (part "features": the
-    features graph's mask_features only); returns the written path
-    (for openvino OUT with the suffix .xml). The sidecar metadata is written beside it
-    (`metadata_path`); `metadata` adds entries to it; class_names / cat_ids: the trained
-    model's (`ModelInfo`)."""
-    if fmt not in CONVERTERS:
-        raise MobileInstError(f"unknown format {fmt!r}; choose from onnx, {', '.join(CONVERTERS)}")
+    features graph's mask_features only); the keyword form of `write_format`."""
     if hw[0] % 32 or hw[1] % 32:
         raise MobileInstError(f"--imgsz {hw[0]} {hw[1]}: both sides must be multiples of 32")
+    return write_format(fmt, model, out, format_info(model, hw, part, class_names, cat_ids), metadata)
+
+
+def write_format(fmt: str, model: nn.Module, out: str | Path, info: ModelInfo,
+                 metadata: dict | None = None) -> Path:
+    """Export `model` to `fmt` as the fixed-size, batch-1 graph `info` describes (`format_info`);
+    returns the written path (for openvino OUT with the suffix .xml). The sidecar metadata is
+    written beside it (`metadata_path`); `metadata` adds entries to it."""
+    if fmt not in CONVERTERS:
+        raise MobileInstError(f"unknown format {fmt!r}; choose from onnx, {', '.join(CONVERTERS)}")
     require(fmt)
-    graph, x = graph_and_input(model, hw, part)
+    graph, x = graph_and_input(model, info.input.size, info.part)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         with torch.no_grad():
             path = CONVERTERS[fmt](graph, x, out)
-        write_metadata(model, graph, hw, fmt, path, class_names, metadata, cat_ids)
+        write_json(metadata_path(path), sidecar_metadata(info, fmt, metadata), indent=1)
         return path
     except MobileInstError:
         raise

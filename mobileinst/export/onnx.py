@@ -3,6 +3,7 @@
     from mobileinst.export.onnx import export_onnx
     export_onnx(model, "m.onnx", imgsz=(640, 640))                 # fixed size, raw outputs
     export_onnx(model, "m.onnx", dynamic=True, postprocess=True)   # any size, instances out
+    write_onnx(model, "m.onnx", info.for_graph("raw", (640, 640)))  # from a ModelInfo
 
 Input
 -----
@@ -89,7 +90,8 @@ dotting their mask features with the last key frame's kernels (`mobileinst.infer
 
     mask_features  (B, E, H/8, W/8) float  equal to the raw graph's mask_features
 
-Metadata (`metadata_props`, read with `read_metadata`): producer, mobileinst_version,
+Metadata (`metadata_props`: `ModelInfo.to_metadata` writes it, `ModelInfo.from_metadata` reads
+it back; `read_metadata` gets the dict): producer, format_version, mobileinst_version,
 model_name, model_config, class_names, cat_ids (json), input_name, input_dtype, input_layout,
 mean, std, size_divisor, dynamic, input_size ([H, W] or null), batch, imgsz (default short side
 for a dynamic graph), postprocess, outputs (json name -> layout), score_threshold,
@@ -103,46 +105,27 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import __version__
 from ..errors import MobileInstError
-from ..models.mobileinst import PIXEL_MEAN, PIXEL_STD
-from ..models.postprocess import InferenceConfig, maskness, query_scores
+from ..models.model_info import (FEATURES_OUTPUTS, INPUT_NAME, PARTS, POSTPROCESS_OUTPUTS, RAW_OUTPUTS,
+                                 SIZE_DIVISOR, ModelInfo, graph_kind, read_metadata, set_metadata)
+from ..models.postprocess import InferenceConfig, count_kept, gather_queries, resize_bilinear, select_instances
 from ..utils import atomic_path
 from .fuse import fuse_conv_bn
 
 log = logging.getLogger("mobileinst.export")
 
-INPUT_NAME = "images"
-RAW_OUTPUTS = {
-    "logits": "(B, N, C) float32 class logits",
-    "objectness": "(B, N, 1) float32 objectness logit",
-    "kernels": "(B, N, E) float32 mask kernels",
-    "mask_features": "(B, E, H/8, W/8) float32 mask features; mask logits = "
-                     "bilinear_x2(kernels @ mask_features)",
-}
-POSTPROCESS_OUTPUTS = {
-    "labels": "(B, K) int64 class index; K = the instances kept (score > conf, or > 0 without "
-              "conf; at most max_det; the most of any image for B > 1; may be 0)",
-    "scores": "(B, K) float32 rescored score, best first; 0 = empty slot (an image of a batch "
-              "with fewer instances than K)",
-    "masks": "(B, K, H, W) uint8 binary masks at the input size",
-    "kernels": "(B, K, E) float32 mask kernels of the kept queries",
-}
-FEATURES_OUTPUTS = {"mask_features": RAW_OUTPUTS["mask_features"]}
-SIZE_DIVISOR = 32
 MIN_OPSET = 17
-PARTS = ("full", "features")
 
 
 # -- the graph -------------------------------------------------------------------------------
@@ -151,22 +134,21 @@ class ExportGraph(nn.Module):
 
     postprocess=False: (logits, objectness, kernels, mask_features) of the network.
     postprocess=True: (labels, scores, masks, kernels) of the kept queries (PostProcess): at most
-    `max_det`, only those scoring above `conf` (default: every query above score_threshold).
+    `max_det`, only those scoring above `conf` (default: every query above score_threshold);
+    thresholds `cfg` (default: the model's own, `model.inference`).
     """
 
     def __init__(self, model: nn.Module, postprocess: bool = False, max_det: int | None = None,
-                 conf: float | None = None) -> None:
+                 conf: float | None = None, cfg: InferenceConfig | None = None) -> None:
         super().__init__()
         self.model = model
-        self.postprocess = PostProcess(model, max_det, conf) if postprocess else None
+        self.postprocess = PostProcess(model, max_det, conf, cfg) if postprocess else None
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        if self.postprocess is None:  # the eager inference path's own heads
+            return self.model.inference_outputs(images.float())
         mask_feats, f_mask, x6 = self.model.features(images.float())  # (B, E, H/8, W/8), ...
-        heads = self.model.instance_decoder(x6, f_mask)
-        if self.postprocess is None:
-            out = self.model.add_pooled_class_logits(heads, mask_feats)
-            return out["pred_logits"], out["pred_scores"], out["pred_kernels"], mask_feats
-        return self.tail(heads, mask_feats, images.shape[-2:])
+        return self.tail(self.model.instance_decoder(x6, f_mask), mask_feats, images.shape[-2:])
 
     def tail(self, heads: dict[str, Tensor], mask_feats: Tensor, size: Sequence[Any]) -> tuple[Tensor, ...]:
         """The instance decoder's heads + M -> the post-processed outputs (everything after the
@@ -196,11 +178,15 @@ class FeaturesGraph(nn.Module):
         return (self.model.features(images.float())[0],)  # (B, E, H/8, W/8)
 
 
-def graph_kind(meta: dict[str, str]) -> str:
-    """"raw", "postprocess" or "features" from a graph's metadata (older files lack `graph`)."""
-    if "graph" in meta:
-        return meta["graph"]
-    return "postprocess" if meta.get("postprocess") == "true" else "raw"
+def export_module(model: nn.Module, info: ModelInfo) -> ExportGraph | FeaturesGraph:
+    """The module that exports as the graph `info` describes (`info.graph`: raw, postprocess or
+    features), in eval mode."""
+    if info.graph == "features":
+        return FeaturesGraph(model).eval()
+    if info.graph == "postprocess":
+        cfg = info.inference
+        return ExportGraph(model, True, cfg.max_detections, info.graph_conf, cfg).eval()
+    return ExportGraph(model).eval()
 
 
 class MaskProduct(nn.Module):
@@ -218,26 +204,16 @@ class MaskProduct(nn.Module):
         return self.fn(kernels, mask_feats)
 
 
-def _resize(x: Tensor, **kwargs: Any) -> Tensor:
-    """F.interpolate (bilinear, half-pixel) that also takes an empty (B, 0, h, w): ONNX Resize
-    does, eager PyTorch raises, so the eager run (export checks, tests) returns the empty result."""
-    if not torch.compiler.is_exporting() and x.shape[1] == 0:  # (no guard on K while exporting)
-        size = kwargs.get("size") or [int(s * kwargs["scale_factor"]) for s in x.shape[-2:]]
-        return x.new_zeros((*x.shape[:2], int(size[0]), int(size[1])))
-    return F.interpolate(x, mode="bilinear", align_corners=False, **kwargs)
-
-
 class PostProcess(nn.Module):
-    """`mobileinst.models.postprocess.postprocess_image` for a batch, the work sized by what is kept.
+    """`mobileinst.models.postprocess.select_instances` (the decode eager code runs too) for a
+    batch, then the K kept masks upsampled to the input size and thresholded.
 
-    1. pre-score s = sqrt(sigmoid(logits) * sigmoid(objectness)), label = argmax (every query);
-    2. sort the queries by s; K1 = the most queries above t = max(score_threshold, conf) in any
-       image of the batch: only those K1 get mask logits (kernels . M, unless ExportGraph made
-       it for all N for the pooled class term: then gathered) at stride 4, sigmoid, maskness;
-    3. final = s * maskness (0 for a query of an image whose own s <= t); sort; K = the most
-       finals > conf (> 0 without conf) in any image, at most max_det: only those K masks are
-       upsampled to (H, W) and thresholded; slots of an image beyond its own count get score 0
-       and an empty mask (batch > 1 only). K may be 0.
+    1. pre-score s, label (every query); K1 = the most queries above t = max(score_threshold,
+       conf) in any image: only those get mask logits (kernels . M, unless ExportGraph made it
+       for all N for the pooled class term: then gathered) at stride 4, sigmoid, maskness;
+    2. final = s * maskness; sort; K = the most finals > conf (> 0 without conf) in any image, at
+       most max_det: only those K masks are upsampled to (H, W) and thresholded; slots of an
+       image beyond its own count get score 0 and an empty mask (batch > 1 only). K may be 0.
 
     Equal to the old graph (every query's mask at stride 4, the top max_det all upsampled) for
     every kept instance: final <= s (maskness <= 1), so a query with s <= conf can never be
@@ -250,59 +226,36 @@ class PostProcess(nn.Module):
     int8 quantization can leave it in float.
     """
 
-    def __init__(self, model: nn.Module, max_det: int | None = None, conf: float | None = None) -> None:
+    def __init__(self, model: nn.Module, max_det: int | None = None, conf: float | None = None,
+                 cfg: InferenceConfig | None = None) -> None:
         super().__init__()
-        cfg: InferenceConfig = model.inference
-        self.score_threshold = cfg.score_threshold
-        self.mask_threshold = cfg.mask_threshold
-        self.max_det = min(max_det or cfg.max_detections, model.cfg.num_queries)
+        cfg = cfg or model.inference
+        self.cfg = InferenceConfig(cfg.score_threshold, cfg.mask_threshold,
+                                   min(max_det or cfg.max_detections, model.cfg.num_queries))
         self.conf = None if conf is None else float(conf)
-        self.upsample = float(model.cfg.mask_upsample)
+        self.upsample = int(model.cfg.mask_upsample)
         self.product = MaskProduct(model)
         self.dynamic_k = True
 
+    @property
+    def max_det(self) -> int:
+        return self.cfg.max_detections
+
     def _count(self, passed: Tensor, upper: int) -> int:
-        """The most True of any row of (B, n) `passed`, at most `upper` (static: `upper`)."""
-        if not self.dynamic_k:
-            return upper
-        k = int(passed.sum(1).clamp(max=upper).max())
-        torch._check(k >= 0)
-        torch._check(k <= upper)
-        return k
+        """`count_kept`, or `upper` for a static graph."""
+        return count_kept(passed, upper) if self.dynamic_k else upper
 
     def forward(self, logits: Tensor, obj: Tensor, kernels: Tensor, mask_feats: Tensor,
                 size: Sequence[Any], m8: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Network outputs (+ every query's stride-8 mask logits `m8`, when already made) ->
         (labels (B, K), scores (B, K), masks (B, K, H, W) uint8 at `size`, kernels (B, K, E))."""
-        cut = 0.0 if self.conf is None else self.conf  # the final-score cut
-        pre_thr = max(self.score_threshold, cut)  # final <= pre: nothing below it is kept
-        pre, labels = query_scores(logits, obj)  # (B, N), (B, N)
-        pre, order = pre.sort(dim=1, descending=True)  # (B, N)
-        k1 = self._count(pre > pre_thr, pre.shape[1])
-        pre, order = pre[:, :k1], order[:, :k1]  # (B, K1), the candidates, best first
-        b, e, h, w = mask_feats.shape
-        if m8 is None:  # kernels . M of the candidates only
-            cand = kernels.gather(1, order[:, :, None].expand(-1, -1, e))  # (B, K1, E)
-            m8 = torch.bmm(cand, mask_feats.flatten(2)).view(b, k1, h, w)  # (B, K1, h, w)
-        else:
-            m8 = m8.gather(1, order[:, :, None, None].expand(-1, -1, h, w))  # (B, K1, h, w)
-        prob = _resize(m8, scale_factor=self.upsample).sigmoid()  # (B, K1, H/4, W/4)
-        final = torch.where(pre > pre_thr, pre * maskness(prob, self.mask_threshold),
-                            torch.zeros_like(pre))
-        final, o2 = final.sort(dim=1, descending=True)  # (B, K1)
-        k = self._count(final > cut, min(self.max_det, k1))
-        final, o2 = final[:, :k], o2[:, :k]  # (B, K)
-        keep = final > cut
-        scores = torch.where(keep, final, torch.zeros_like(final))  # 0 = empty slot
-        idx = order.gather(1, o2)  # (B, K) query index
-        labels = labels.gather(1, idx)
-        kernels = kernels.gather(1, idx[:, :, None].expand(-1, -1, e))  # (B, K, E)
-        h4, w4 = prob.shape[-2], prob.shape[-1]
-        prob = prob.gather(1, o2[:, :, None, None].expand(-1, -1, h4, w4))  # (B, K, H/4, W/4)
-        prob = prob * keep.to(prob.dtype)[:, :, None, None]  # empty slots -> empty masks
-        prob = _resize(prob, size=(size[0], size[1]))  # only the K kept masks, to the input size
-        masks = (prob > self.mask_threshold).to(torch.uint8)  # (B, K, H, W)
-        return labels, scores, masks, kernels
+        picked = select_instances(logits, obj, kernels, mask_feats, self.cfg, self.upsample,
+                                  0.0 if self.conf is None else self.conf, self._count, m8)
+        prob = picked["mask_prob"]  # (B, K, H/4, W/4)
+        prob = prob * picked["keep"].to(prob.dtype)[:, :, None, None]  # empty slots -> empty masks
+        prob = resize_bilinear(prob, size=(size[0], size[1]))  # only the K kept masks, to the input size
+        masks = (prob > self.cfg.mask_threshold).to(torch.uint8)  # (B, K, H, W)
+        return picked["labels"], picked["scores"], masks, gather_queries(kernels, picked["index"])
 
 
 POSTPROCESS_PREFIX = "postprocess/"
@@ -351,24 +304,32 @@ def to_input(images_hwc: np.ndarray, dtype: str) -> np.ndarray:
 
 
 # -- export ----------------------------------------------------------------------------------
-def _check_args(imgsz: tuple[int, int], input_dtype: str, opset: int, batch: int,
-                part: str = "full", postprocess: bool = False, conf: float | None = None) -> None:
+def _check_options(part: str, postprocess: bool, conf: float | None) -> None:
+    """The graph options of `export_onnx` that a ModelInfo cannot hold wrong."""
     if conf is not None and not postprocess:
         raise MobileInstError("conf (--conf) is for post-processed graphs (--postprocess); a raw "
                               "graph's consumer applies its own confidence")
-    if conf is not None and not 0.0 <= conf < 1.0:
-        raise MobileInstError(f"conf must be in [0, 1), got {conf}")
     if part not in PARTS:
         raise MobileInstError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
     if part == "features" and postprocess:
         raise MobileInstError("the features graph has no post-processing (it outputs mask features only)")
-    if input_dtype not in ("uint8", "float32"):
-        raise MobileInstError(f"input_dtype must be 'uint8' or 'float32', got {input_dtype!r}")
+
+
+def _check_export(info: ModelInfo, hw: Sequence[int], opset: int) -> None:
+    """MobileInstError unless `info` describes a graph this exporter writes, at size `hw`."""
+    conf, batch = info.graph_conf, info.input.batch or 1
+    if info.graph not in ("raw", "postprocess", "features"):
+        raise MobileInstError(f"graph {info.graph!r}: export a ModelInfo.for_graph('raw' | "
+                              "'postprocess' | 'features')")
+    if conf is not None and not 0.0 <= conf < 1.0:
+        raise MobileInstError(f"conf must be in [0, 1), got {conf}")
+    if info.input.dtype not in ("uint8", "float32"):
+        raise MobileInstError(f"input_dtype must be 'uint8' or 'float32', got {info.input.dtype!r}")
     if opset < MIN_OPSET:
         raise MobileInstError(f"opset {opset} is too old: the export needs opset >= {MIN_OPSET}")
-    if len(imgsz) != 2 or any(s <= 0 or s % SIZE_DIVISOR for s in imgsz):
+    if len(hw) != 2 or any(s <= 0 or s % SIZE_DIVISOR for s in hw):
         raise MobileInstError(f"imgsz must be (H, W), both positive multiples of {SIZE_DIVISOR}; "
-                              f"got {tuple(imgsz)}")
+                              f"got {tuple(hw)}")
     if batch < 1:
         raise MobileInstError(f"batch must be >= 1, got {batch}")
 
@@ -467,69 +428,6 @@ def run_proto(proto, images: np.ndarray, threads: int = 1) -> dict[str, np.ndarr
     return dict(zip(names, sess.run(None, {sess.get_inputs()[0].name: images})))
 
 
-def _metadata(model: nn.Module, graph: ExportGraph | FeaturesGraph, imgsz: tuple[int, int],
-              dynamic: bool, batch: int, input_dtype: str, class_names: list[str] | None, exporter: str,
-              extra: dict[str, Any], cat_ids: list[int] | None = None,
-              default_imgsz: int | None = None) -> dict[str, str]:
-    cfg = model.cfg
-    names = list(class_names or [str(i) for i in range(cfg.num_classes)])
-    ids = list(cat_ids or range(1, cfg.num_classes + 1))
-    if len(names) != cfg.num_classes or len(ids) != cfg.num_classes:
-        raise MobileInstError(f"{len(names)} class names and {len(ids)} category ids for a model "
-                              f"with {cfg.num_classes} classes")
-    kind = "features" if isinstance(graph, FeaturesGraph) else \
-        ("raw" if graph.postprocess is None else "postprocess")
-    outputs = {"raw": RAW_OUTPUTS, "postprocess": POSTPROCESS_OUTPUTS, "features": FEATURES_OUTPUTS}[kind]
-    pp = graph.postprocess if graph.postprocess is not None else PostProcess(model, None)
-    meta = {
-        "producer": "mobileinst",
-        "format_version": "1",  # infer.model_info.EXPORT_FORMAT_VERSION: newer files are refused
-        "mobileinst_version": __version__,
-        "model_name": cfg.name,
-        "model_config": json.dumps(cfg.to_dict()),
-        "class_names": json.dumps(names),
-        "cat_ids": json.dumps(ids),
-        "input_name": INPUT_NAME,
-        "input_dtype": input_dtype,
-        "input_layout": f"(B, 3, H, W) RGB {input_dtype} 0..255, not normalised; the graph "
-                        "computes (x - mean) / std; H, W multiples of 32, pad bottom/right",
-        "mean": json.dumps(PIXEL_MEAN),
-        "std": json.dumps(PIXEL_STD),
-        "size_divisor": str(SIZE_DIVISOR),
-        "dynamic": json.dumps(dynamic),
-        "input_size": json.dumps(None if dynamic else list(imgsz)),
-        "batch": "dynamic" if dynamic else str(batch),
-        "imgsz": str(default_imgsz or min(imgsz)),
-        "postprocess": json.dumps(graph.postprocess is not None),
-        "outputs": json.dumps(outputs),
-        "score_threshold": str(pp.score_threshold),
-        "mask_threshold": str(pp.mask_threshold),
-        "max_det": str(pp.max_det),
-        "exporter": exporter,
-        "graph": kind,
-    }
-    if kind == "postprocess":
-        meta["conf"] = json.dumps(pp.conf)  # null: every query above score_threshold
-        meta["num_instances"] = "dynamic" if pp.dynamic_k else "max_det"  # K of the outputs
-    meta.update({str(k): v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
-    return meta
-
-
-def set_metadata(proto, meta: dict[str, str]) -> None:
-    """Replace the graph's metadata_props with `meta`."""
-    del proto.metadata_props[:]
-    for k, v in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
-
-
-def read_metadata(source) -> dict[str, str]:
-    """metadata_props of an ONNX file (path) or ModelProto as a dict (empty when none)."""
-    import onnx
-    proto = source if isinstance(source, onnx.ModelProto) else onnx.load(str(source), load_external_data=False)
-    return {p.key: p.value for p in proto.metadata_props}
-
-
 def export_onnx(model: nn.Module, out: str | Path, imgsz: tuple[int, int] | int | None = None,
                 dynamic: bool = False, simplify: bool = True, postprocess: bool = False,
                 input_dtype: str = "uint8", opset: int = 18, class_names: list[str] | None = None,
@@ -537,7 +435,8 @@ def export_onnx(model: nn.Module, out: str | Path, imgsz: tuple[int, int] | int 
                 metadata: dict[str, Any] | None = None, part: str = "full",
                 conf: float | None = None, cat_ids: list[int] | None = None,
                 default_imgsz: int | None = None) -> Path:
-    """Export a MobileInst network to ONNX; returns the written path.
+    """Export a MobileInst network to ONNX; returns the written path. The keyword form of
+    `write_onnx`: the options make the graph's `ModelInfo`.
 
     imgsz: (H, W) of a fixed graph (default 640 x 640); with `dynamic` only the example size
       used while exporting and the default short side stored for predictors.
@@ -549,43 +448,63 @@ def export_onnx(model: nn.Module, out: str | Path, imgsz: tuple[int, int] | int 
       data-dependent. None (default): every query above score_threshold (0.005) with a
       non-zero score, i.e. the slots the graph always returned, at most max_det.
     input_dtype: "uint8" (default) or "float32"; either way pixel values 0..255, RGB.
+    class_names, cat_ids: the trained model's (`ModelInfo`; default "0".."C-1" and 1..C).
+    default_imgsz: the short side predictors use for a dynamic graph (default min(imgsz)).
+    part: "full" (the whole network) or "features" (backbone + mask decoder only: images ->
+      mask_features, for the frames between video key frames; metadata `graph: features`).
+    simplify, fuse, verify, metadata, opset: as `write_onnx`.
+    The layout and decoding of the outputs are in this module's docstring.
+    """
+    hw = (640, 640) if imgsz is None else ((imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz))
+    _check_options(part, postprocess, conf)
+    kind = "features" if part == "features" else ("postprocess" if postprocess else "raw")
+    base = ModelInfo.for_model(model.cfg, class_names, cat_ids, default_imgsz or min(hw))
+    info = replace(base, inference=model.inference).for_graph(
+        kind, None if dynamic else hw, batch, input_dtype, max_det, conf)
+    return write_onnx(model, out, info, hw, opset=opset, simplify=simplify, fuse=fuse,
+                      verify=verify, metadata=metadata)
+
+
+def write_onnx(model: nn.Module, out: str | Path, info: ModelInfo,
+               example_size: tuple[int, int] | None = None, opset: int = 18, simplify: bool = True,
+               fuse: bool = True, verify: bool = True, metadata: dict[str, Any] | None = None) -> Path:
+    """Export `model` as the graph `info` describes (`ModelInfo.for_graph`: kind, input, max_det,
+    conf, names) to ONNX at `out`, with `info.to_metadata()` as its metadata; returns `out`.
+
+    example_size: the (H, W) a dynamic graph is traced at (default (imgsz, imgsz)).
     simplify: onnxslim the graph, keeping it only if its outputs match the unsimplified one.
     fuse: fold BatchNorm into the convolutions first (same outputs, smaller graph).
     verify: run the exported graph in onnxruntime on a natural-looking image and compare with
       PyTorch; a mismatch raises MobileInstError.
     metadata: extra key -> value pairs for metadata_props (values json-encoded unless str).
-    class_names, cat_ids: the trained model's (`ModelInfo`; default "0".."C-1" and 1..C).
-    default_imgsz: the short side predictors use for a dynamic graph (default min(imgsz)).
-    part: "full" (the whole network) or "features" (backbone + mask decoder only: images ->
-      mask_features, for the frames between video key frames; metadata `graph: features`).
-    The layout and decoding of the outputs are in this module's docstring.
     """
     import onnx
-    hw = (640, 640) if imgsz is None else ((imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz))
-    _check_args(hw, input_dtype, opset, batch, part, postprocess, conf)
+    hw = tuple(info.input.size or example_size or (info.imgsz, info.imgsz))
+    _check_export(info, hw, opset)
     out = Path(out)
     net = fuse_conv_bn(model) if fuse else model
-    net.eval()
-    if part == "features":
-        graph, output_names = FeaturesGraph(net).eval(), list(FEATURES_OUTPUTS)
-    else:
-        graph = ExportGraph(net, postprocess, max_det, conf).eval()
-        output_names = list(POSTPROCESS_OUTPUTS if postprocess else RAW_OUTPUTS)
-    n_example = max(2, batch) if dynamic else batch
-    example = to_input(example_images(n_example, *hw), input_dtype)
+    graph = export_module(net.eval(), info)
+    dynamic, batch = info.input.size is None, info.input.batch or 1
+    example = to_input(example_images(max(2, batch) if dynamic else batch, *hw), info.input.dtype)
     check = example[:1] if dynamic or batch == 1 else example
     with torch.no_grad():
-        proto, exporter = _torch_export(graph, torch.from_numpy(example), dynamic, opset, output_names)
+        proto, exporter = _torch_export(graph, torch.from_numpy(example), dynamic, opset, list(info.outputs))
     if verify:
         _verify(graph, proto, check)
     if simplify:
         proto, _ = _slim(proto, check)
     proto.producer_name, proto.producer_version = "mobileinst", _version()
-    set_metadata(proto, _metadata(model, graph, hw, dynamic, batch, input_dtype, class_names,
-                                  exporter, metadata or {}, cat_ids, default_imgsz))
+    set_metadata(proto, info.to_metadata({"exporter": exporter, **_num_instances(graph), **(metadata or {})}))
     onnx.checker.check_model(proto)
     save_atomic(proto, out)
     return out
+
+
+def _num_instances(graph: ExportGraph | FeaturesGraph) -> dict[str, str]:
+    """A post-processed graph's K: "dynamic" (data-dependent) or "max_det" (TorchScript fallback)."""
+    if graph.postprocess is None:
+        return {}
+    return {"num_instances": "dynamic" if graph.postprocess.dynamic_k else "max_det"}
 
 
 def save_atomic(proto, out: Path) -> None:
@@ -663,6 +582,7 @@ def parse_imgsz(values: Sequence[int] | int | None) -> tuple[int, int] | None:
     raise MobileInstError(f"--imgsz takes S or H W, got {values}")
 
 
-__all__ = ["export_onnx", "read_metadata", "example_images", "ExportGraph", "FeaturesGraph",
+__all__ = ["export_onnx", "write_onnx", "export_module", "read_metadata", "example_images",
+           "ExportGraph", "FeaturesGraph",
            "graph_kind", "RAW_OUTPUTS", "POSTPROCESS_OUTPUTS", "FEATURES_OUTPUTS", "INPUT_NAME",
            "POSTPROCESS_PREFIX"]

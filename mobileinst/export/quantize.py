@@ -24,7 +24,7 @@ from ..data.coco import read_rgb
 from ..data.config import load_data_config
 from ..data.sources import list_sources
 from ..errors import DataError, MobileInstError
-from ..infer.model_info import ModelInfo
+from ..models.model_info import ModelInfo
 from ..infer.ort import open_session
 from ..infer.preprocess import input_arrays
 from .onnx import INPUT_NAME, POSTPROCESS_PREFIX, save_atomic, set_metadata

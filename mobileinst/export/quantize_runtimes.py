@@ -45,9 +45,11 @@ from torch import nn
 
 from ..errors import MobileInstError
 from ..utils import write_bytes, write_error, write_json
-from ..infer.model_info import ModelInfo
+from ..models.model_info import ModelInfo
 from ..infer.preprocess import input_arrays
-from .formats import INT8_FORMATS, NO_INT8, graph_and_input, meta_dict, metadata_path, openvino_ir, require
+from ..models.model_info import metadata_path
+from .formats import (INT8_FORMATS, NO_INT8, format_info, graph_and_input, openvino_ir, require,
+                      sidecar_metadata)
 from .onnx import export_onnx
 from .quantize import calibration_images, quantize_int8
 
@@ -124,7 +126,7 @@ def quantize_format(fmt: str, model: nn.Module, out: str | Path, hw: tuple[int, 
                                   f"pip install 'mobileinst[{extra}]'")
     images = calibration_images(calibration, n)
     graph, x = graph_and_input(model, hw)
-    meta = meta_dict(model, graph, hw, fmt, class_names, metadata, cat_ids)
+    meta = sidecar_metadata(format_info(model, hw, "full", class_names, cat_ids), fmt, metadata)
     batches = prepare_batches(images, meta)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

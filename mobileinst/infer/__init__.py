@@ -5,8 +5,10 @@
     result = predictor(rgb)                     # Result: labels, scores, names, masks (K, H, W)
     vp = VideoPredictor.from_weights("best.pt", backend="onnxruntime", reuse=3)
 
-- model_info.py: `ModelInfo`, what a trained model is (names, category ids, training size, input,
-  thresholds), read from a checkpoint or an export's metadata, format version checked;
+- `ModelInfo` (`models/model_info.py`, below both the exporters that write it and this package
+  that reads it): what a trained model is (names, category ids, training size, input,
+  thresholds, graph outputs), read from a checkpoint or an export's metadata, format version
+  checked; model_info.py here: `Described`, the names and ids every predictor shows;
 - preprocess.py: images -> the network's input (resize + pad, or letterbox), for every backend;
 - predictor.py: `Predictor` (prepare -> forward -> postprocess) and the PyTorch backend; the
   decode is `models.postprocess.decode_instances`, shared with training-time evaluation;
@@ -20,8 +22,8 @@ Layering: models < checkpoint < data < export graphs < infer < evaluate / track 
 benchmark, CLI. Nothing below imports this package except the int8 calibration
 (`export/quantize.py`, which feeds exactly what prediction feeds: `preprocess.input_arrays`).
 """
+from ..models.model_info import InputSpec, ModelInfo
 from .factory import BACKENDS, load_predictor, load_trained
-from .model_info import InputSpec, ModelInfo
 from .ort import OnnxPredictor
 from .predictor import Predictor, TorchPredictor
 from .results import Result

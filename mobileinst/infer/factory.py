@@ -18,10 +18,10 @@ import torch
 
 from ..checkpoint import model_from_checkpoint
 from ..errors import CheckpointError, MobileInstError
-from ..export.onnx import PARTS, export_onnx, read_metadata
+from ..export.onnx import write_onnx
 from ..models.mobileinst import MobileInst
 from ..utils import file_sha256, resolve_device
-from .model_info import ModelInfo
+from ..models.model_info import PARTS, ModelInfo, read_metadata
 from .ort import OnnxPredictor
 from .predictor import Predictor, TorchPredictor
 from .runtimes import RuntimePredictor
@@ -59,9 +59,10 @@ def cpu_only(backend: str, device: str) -> None:
 
 
 def load_predictor(weights: str | Path, backend: str = "torch", imgsz: int | None = None,
-                   conf: float = 0.3, device: str = "cpu", threads: int | None = None) -> Predictor:
+                   conf: float | None = 0.3, device: str = "cpu", threads: int | None = None) -> Predictor:
     """A predictor for `weights` on `backend` (module docstring). threads: the network's CPU
-    threads (torch: torch.set_num_threads; the others: their own setting, default 1)."""
+    threads (torch: torch.set_num_threads; the others: their own setting, default 1). conf None:
+    evaluation (`val`: no final-score cut, as training-time evaluation decodes)."""
     is_onnx = check_backend(weights, backend)
     if backend == "torch":
         if threads:
@@ -94,14 +95,13 @@ def cached_onnx(weights: str | Path, part: str = "full") -> Path:
     # Exported at >= 256 px: a dynamic graph traced at a very small size fails at other sizes
     # (a Reshape the exporter specialises), and models trained at < 256 px would hit it.
     side = max(info.imgsz, 256)
-    kwargs = dict(imgsz=(side, side), dynamic=True, input_dtype="float32", part=part,
-                  class_names=list(info.class_names), cat_ids=list(info.cat_ids), default_imgsz=info.imgsz,
-                  metadata={"source": weights.name, "source_sha256": sha})
+    info = info.for_graph("features" if part == "features" else "raw", None, dtype="float32")
+    kwargs = dict(example_size=(side, side), metadata={"source": weights.name, "source_sha256": sha})
     try:
-        return export_onnx(model, cache, **kwargs)
+        return write_onnx(model, cache, info, **kwargs)
     except PermissionError:  # read-only folder: a per-user cache
         cache = Path.home() / ".cache" / "mobileinst" / f"{sha[:16]}{suffix}.onnx"
-        return cache if _cache_valid(cache, sha) else export_onnx(model, cache, **kwargs)
+        return cache if _cache_valid(cache, sha) else write_onnx(model, cache, info, **kwargs)
 
 
 def _cache_valid(cache: Path, sha: str) -> bool:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, MobileInstError
-from .model_info import ModelInfo, output_names
+from ..models.model_info import ModelInfo
 from .predictor import Predictor
 from .preprocess import to_input
 
@@ -62,11 +62,11 @@ def open_session(path: str | Path, threads: int = 1):
     if meta.get("producer") != "mobileinst":
         raise CheckpointError(f"{path}: an ONNX model without mobileinst metadata (not made by "
                               "`mobileinst export`): its input and outputs are unknown")
-    check_graph(path, sess, ModelInfo.from_metadata(path, meta), output_names(meta))
+    check_graph(path, sess, ModelInfo.from_metadata(path, meta))
     return sess, meta
 
 
-def check_graph(path: Path, sess, info: ModelInfo, outputs: tuple[str, ...]) -> None:
+def check_graph(path: Path, sess, info: ModelInfo) -> None:
     """CheckpointError unless the graph takes the input and gives the outputs its metadata names
     (metadata copied onto another graph would fail inside onnxruntime, or decode wrongly)."""
     inputs = sess.get_inputs()
@@ -78,7 +78,7 @@ def check_graph(path: Path, sess, info: ModelInfo, outputs: tuple[str, ...]) -> 
                                for d, want in zip(shape[2:], info.input.size)):
         raise CheckpointError(f"{path}: the graph's input is {shape}, its metadata says "
                               f"{info.input.size[0]}x{info.input.size[1]}")
-    missing = sorted(set(outputs) - {o.name for o in sess.get_outputs()})
+    missing = sorted(set(info.outputs) - {o.name for o in sess.get_outputs()})
     if missing:
         raise CheckpointError(f"{path}: the graph lacks the outputs its mobileinst metadata names "
                               f"({', '.join(missing)}): the metadata belongs to another graph")
@@ -131,7 +131,7 @@ class OnnxPredictor(ExportedPredictor):
     """onnxruntime (CPU) on an ONNX file from `export_onnx`. threads: intra-op threads."""
 
     def __init__(self, path: str | Path, imgsz: int | None = None, max_size: int | None = None,
-                 conf: float = 0.3, threads: int = 1) -> None:
+                 conf: float | None = 0.3, threads: int = 1) -> None:
         self.path = Path(path)
         self.session, self.meta = open_session(path, threads)
         super().__init__(ModelInfo.from_metadata(self.path, self.meta), imgsz, max_size, conf)

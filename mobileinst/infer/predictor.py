@@ -27,7 +27,8 @@ from torch import Tensor
 from ..checkpoint import model_from_checkpoint
 from ..models.mobileinst import MobileInst
 from ..models.postprocess import InferenceConfig, conf_config, decode_instances
-from .model_info import Described, ModelInfo
+from ..models.model_info import ModelInfo
+from .model_info import Described
 from .preprocess import check_image, prediction_sizes, prepare
 from .results import Result, postprocessed_result
 
@@ -40,16 +41,18 @@ class Predictor(Described):
 
     imgsz / max_size: the short side and long-side cap for an any-size network (default: the
     model's training size, long side imgsz * 853 / 640); a fixed-size export uses its own size.
+    conf None: evaluation (`val`), the decode of training-time evaluation: every query above
+    the score threshold ranked, at most max_detections, no final-score cut.
     """
 
     info: ModelInfo
 
     def __init__(self, info: ModelInfo, imgsz: int | None = None, max_size: int | None = None,
-                 conf: float = 0.3) -> None:
+                 conf: float | None = 0.3) -> None:
         self.info = info
         self.imgsz, self.max_size = prediction_sizes(info.input, imgsz, max_size, info.imgsz)
         self.conf = conf
-        if info.graph_conf is not None and conf < info.graph_conf:
+        if info.graph_conf is not None and (conf or 0.0) < info.graph_conf:
             log.warning("%s returns only instances scoring above %s (exported with --conf): conf %s "
                         "cannot show more", info.source or "the graph", info.graph_conf, conf)
 
@@ -86,9 +89,10 @@ class Predictor(Described):
                     sizes: list[tuple[int, int]], origs: list[tuple[int, int]]) -> list[Result]:
         """Post-processing: the network's outputs -> one Result per original image (origs)."""
         if self.info.graph == "postprocess":
-            return [postprocessed_result(out, i, sizes[i], origs[i], self.conf, self.info)
+            return [postprocessed_result(out, i, sizes[i], origs[i], self.conf or 0.0, self.info)
                     for i in range(len(origs))]
-        cfg = conf_config(self.info.inference, self.conf)  # masks only for what conf keeps
+        cfg = self.info.inference  # evaluation; with conf, masks only for what conf keeps
+        cfg = cfg if self.conf is None else conf_config(cfg, self.conf)
         results = []
         for inst in decode_outputs(out, padded, sizes, origs, cfg, self.info.mask_upsample):
             labels = inst["labels"].cpu().numpy()
@@ -115,7 +119,7 @@ class TorchPredictor(Predictor):
     """A PyTorch MobileInst on `device` (eager; what `predict --backend torch` runs)."""
 
     def __init__(self, model: MobileInst, info: ModelInfo | None = None, imgsz: int | None = None,
-                 max_size: int | None = None, conf: float = 0.3,
+                 max_size: int | None = None, conf: float | None = 0.3,
                  device: str | torch.device = "cpu") -> None:
         super().__init__(info or ModelInfo.for_model(model.cfg), imgsz, max_size, conf)
         self.device = torch.device(device)

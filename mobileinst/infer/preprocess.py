@@ -18,7 +18,7 @@ import torch
 from ..errors import MobileInstError
 from ..utils import check_memory
 from ..models.mobileinst import PIXEL_MEAN
-from .model_info import InputSpec
+from ..models.model_info import InputSpec
 
 
 def inference_size(h: int, w: int, imgsz: int, max_size: int) -> tuple[int, int]:

@@ -8,7 +8,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ..evaluate.coco_eval import encode_mask
-from .model_info import ModelInfo
+from ..models.model_info import ModelInfo
 
 # Bytes of uint8 intermediates `resize_masks` may hold at once at the original size.
 MASK_CHUNK_BYTES = 64 << 20

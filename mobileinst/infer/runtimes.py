@@ -10,7 +10,7 @@ size, batch 1, float32 RGB 0..255 NCHW in); OpenVINO also runs any ONNX file of 
 `run` returns {logits (B, N, C), objectness (B, N, 1), kernels (B, N, E), mask_features
 (B, E, H/8, W/8)} like the ONNX graph, which `RuntimePredictor` (the `Predictor` interface of
 predictor.py) decodes with the shared `models.postprocess.decode_instances`. A features file
-(`part="features"`; `outputs` from its metadata, `output_names`) returns {mask_features} alone: the
+(`part="features"`; `outputs` from its metadata, `ModelInfo.outputs`) returns {mask_features} alone: the
 tracker's frames between key frames (`infer.video.RuntimeVideoNet`). A file made for
 another runtime, or one that does not load, is a CheckpointError naming what it is; a missing
 package one line naming the pip extra.
@@ -28,9 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, MobileInstError
-from ..export.formats import metadata_path
-from ..export.onnx import RAW_OUTPUTS, read_metadata
-from .model_info import ModelInfo, output_names
+from ..models.model_info import RAW_OUTPUTS, ModelInfo, metadata_path, read_metadata
 from .ort import ExportedPredictor
 
 # backend -> (python module of its runtime, pip extra)
@@ -272,7 +270,7 @@ def open_backend(path: str | Path, backend: str | None = None, threads: int = 1,
 
 def load_metadata(path: str | Path) -> dict[str, str]:
     """The mobileinst metadata of an export: an ONNX file's own, else its sidecar json
-    (`mobileinst.export.formats.metadata_path`). CheckpointError when there is none."""
+    (`mobileinst.models.model_info.metadata_path`). CheckpointError when there is none."""
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         try:
@@ -311,11 +309,12 @@ class RuntimePredictor(ExportedPredictor):
     """
 
     def __init__(self, path: str | Path, backend: str | None = None, imgsz: int | None = None,
-                 max_size: int | None = None, conf: float = 0.3, threads: int = 1) -> None:
+                 max_size: int | None = None, conf: float | None = 0.3, threads: int = 1) -> None:
         self.path = Path(path)
         self.meta = load_metadata(self.path)
-        self.backend = open_backend(self.path, backend, threads, output_names(self.meta))
-        super().__init__(ModelInfo.from_metadata(self.path, self.meta), imgsz, max_size, conf)
+        info = ModelInfo.from_metadata(self.path, self.meta)
+        self.backend = open_backend(self.path, backend, threads, info.outputs)
+        super().__init__(info, imgsz, max_size, conf)
         if self.info.graph == "features":
             raise MobileInstError(f"{self.path}: a features file (mask features only) has no "
                                   "instances to predict; use the full export (--part full)")

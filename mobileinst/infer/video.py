@@ -37,16 +37,17 @@ import torch
 from torch import Tensor
 
 from ..errors import MobileInstError
-from ..export.onnx import RAW_OUTPUTS, ExportGraph, FeaturesGraph
+from ..export.onnx import ExportGraph, FeaturesGraph
 from ..models.mobileinst import MobileInst
-from ..models.postprocess import binary_masks, kernel_mask_logits, maskness
+from ..models.postprocess import binary_masks, class_scores, kernel_mask_logits, maskness
 from ..track.results import TrackedFrame
 from ..track.tracker import Tracker, TrackerConfig
 from .factory import RUNTIME_BACKENDS, VIDEO_BACKENDS, cached_onnx, check_backend, cpu_only, load_trained
-from .model_info import Described, ModelInfo
+from ..models.model_info import RAW_OUTPUTS, ModelInfo
+from .model_info import Described
 from .ort import open_session
 from .preprocess import prediction_sizes, prepare, to_input
-from .runtimes import load_metadata, open_backend, output_names
+from .runtimes import load_metadata, open_backend
 
 RAW_KEYS = tuple(RAW_OUTPUTS)  # logits, objectness, kernels, mask_features: what `VideoNet.key` returns
 
@@ -133,7 +134,7 @@ class RuntimeVideoNet:
         self.meta = load_metadata(self.key_path)
         self.info = ModelInfo.from_metadata(self.key_path, self.meta)
         _check_kind(self.key_path, self.info.graph, "raw")
-        self.key_backend = open_backend(self.key_path, backend, threads, output_names(self.meta))
+        self.key_backend = open_backend(self.key_path, backend, threads, self.info.outputs)
         self.backend = self.key_backend.name
         self.features_path = Path(features_path) if features_path else None
         self.features_backend = None
@@ -141,7 +142,7 @@ class RuntimeVideoNet:
             fmeta = load_metadata(self.features_path)
             _check_features(self.key_path, self.meta, self.features_path, fmeta)
             self.features_backend = open_backend(self.features_path, self.backend, threads,
-                                                 output_names(fmeta))
+                                                 ModelInfo.from_metadata(self.features_path, fmeta).outputs)
 
     def key(self, batch: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         out = self.key_backend.run(to_input(batch, "float32"))
@@ -278,7 +279,7 @@ class VideoPredictor(Described):
         """Key frame outputs logits (N, C), objectness (N, 1), kernels (N, E) in query order ->
         slot order (association); keep the kernels and class probabilities."""
         perm = torch.from_numpy(self.tracker.associate(kernels)).to(kernels.device)
-        probs = (logits.float().sigmoid() * obj.float().sigmoid()).sqrt()  # (N, C)
+        probs = class_scores(logits.float(), obj.float())  # (N, C)
         self.kernels, self.class_probs = kernels[perm], probs[perm]  # (N, E), (N, C)
         self.last_key = self.frame
 

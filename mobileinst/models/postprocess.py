@@ -5,6 +5,11 @@ graph: score = sqrt(sigmoid(cls) * sigmoid(obj)), one label per query (max over 
 score > 0.005, maskness rescoring at 1/4 resolution, upsample the kept masks to the padded input,
 crop the image, resize to the original size, binarise > 0.45. No NMS: at most N instances.
 
+One decode for every path: `select_instances` is batched and is what the post-processed ONNX
+graph runs (`mobileinst.export.onnx.PostProcess`); `decode_instances` (evaluation, `predict`,
+`val` on every backend) and `postprocess_image` are that function on one image, followed by
+`binary_masks` at the original size.
+
 Prediction (`predict --conf`) sets `InferenceConfig.conf`: the queries are then filtered on their
 pre-score before any mask is computed and on their final score before any mask is upsampled (see
 `postprocess_image`), and each full-resolution mask is computed only inside its instance's box
@@ -13,6 +18,7 @@ pre-score before any mask is computed and on their final score before any mask i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,20 +53,88 @@ def conf_config(cfg: InferenceConfig, conf: float) -> InferenceConfig:
 
 
 
+def class_scores(logits: Tensor, objectness: Tensor) -> Tensor:
+    """(..., N, C), (..., N, 1) -> every class's score of every query (..., N, C): sqrt(p_cls * p_obj)."""
+    return (logits.sigmoid() * objectness.sigmoid()).sqrt()
+
+
 def query_scores(logits: Tensor, objectness: Tensor) -> tuple[Tensor, Tensor]:
-    """(..., N, C), (..., N, 1) -> score (..., N) and label (..., N): sqrt(p_cls * p_obj), max over C."""
-    prob = (logits.sigmoid() * objectness.sigmoid()).sqrt()
-    return prob.max(dim=-1)
+    """(..., N, C), (..., N, 1) -> score (..., N) and label (..., N): `class_scores`, max over C."""
+    return class_scores(logits, objectness).max(dim=-1)
+
+
+def resize_bilinear(x: Tensor, size: Any = None, scale_factor: float | None = None) -> Tensor:
+    """F.interpolate (bilinear, align_corners=False: ONNX Resize half_pixel) of (B, K, h, w) that
+    also takes K = 0: ONNX Resize does, eager PyTorch raises, so eagerly the empty result is made
+    (no guard on K while exporting, where K is symbolic)."""
+    if not torch.compiler.is_exporting() and x.shape[1] == 0:
+        size = size or [int(s * scale_factor) for s in x.shape[-2:]]
+        return x.new_zeros((*x.shape[:2], int(size[0]), int(size[1])))
+    return F.interpolate(x, size=size, scale_factor=scale_factor, mode="bilinear", align_corners=False)
+
+
+def gather_queries(x: Tensor, index: Tensor) -> Tensor:
+    """x (B, N, ...) at the queries `index` (B, K) of each image -> (B, K, ...)."""
+    idx = index.reshape(*index.shape, *(1,) * (x.dim() - 2))
+    return x.gather(1, idx.expand(-1, -1, *x.shape[2:]))
+
+
+def count_kept(passed: Tensor, upper: int) -> int:
+    """The most True of any row of (B, n) `passed`, at most `upper` (a data-dependent size when
+    exporting: the checks bound it for the exporter)."""
+    k = int(passed.sum(1).clamp(max=upper).max())
+    torch._check(k >= 0)
+    torch._check(k <= upper)
+    return k
 
 
 def kernel_mask_logits(kernels: Tensor, mask_feats: Tensor, upsample: int = 2) -> Tensor:
     """One image's mask logits: kernels (K, E) . M (E, h, w) -> (K, upsample*h, upsample*w),
     bilinear (align_corners=False, SparseInst SCALE_FACTOR 2). K = 0 gives an empty result."""
     e, h, w = mask_feats.shape
-    if len(kernels) == 0:  # F.interpolate rejects an empty channel dimension
-        return mask_feats.new_zeros((0, upsample * h, upsample * w))
     m = torch.bmm(kernels[None], mask_feats.reshape(1, e, h * w)).view(1, -1, h, w)  # (1, K, h, w)
-    return F.interpolate(m, scale_factor=float(upsample), mode="bilinear", align_corners=False)[0]
+    return resize_bilinear(m, scale_factor=float(upsample))[0]
+
+
+def select_instances(logits: Tensor, objectness: Tensor, kernels: Tensor | None,
+                     mask_feats: Tensor | None, cfg: InferenceConfig, upsample: int = 2,
+                     cut: float | None = None, count=count_kept,
+                     mask_logits: Tensor | None = None) -> dict[str, Tensor]:
+    """THE decode of a batch, the work sized by what is kept (eager code and the export graph).
+
+    logits (B, N, C), objectness (B, N, 1), kernels (B, N, E), mask_feats M (B, E, h, w);
+    mask_logits (B, N, h, w): every query's kernels . M when already made (then kernels and M
+    are not read). cut: the final-score cut (`--conf`); None keeps every candidate.
+    1. pre-score s, label = `query_scores`; K1 = the most queries with s > t, t =
+       max(score_threshold, cut), of any image: only those K1 (in query order, so that equal
+       scores rank as the query order) get mask logits, upsampled x `upsample`, sigmoid;
+    2. final = s * maskness (< 0 for another image's candidate, batch > 1), sorted; K = the most
+       finals > cut (without cut: the image's candidates) of any image, at most max_detections.
+    `count(passed, upper)` makes K1 and K (static exports: `upper`). Final <= s, so a query with
+    s <= cut is never kept (`conf_config`). Returns, best first: scores (B, K) (0 = an empty slot
+    of an image with fewer than K), labels (B, K), index (B, K) the query, keep (B, K) bool and
+    mask_prob (B, K, upsample*h, upsample*w)."""
+    threshold = cfg.score_threshold if cut is None else max(cfg.score_threshold, cut)
+    pre, labels = query_scores(logits, objectness)  # (B, N), (B, N)
+    pre, order = pre.sort(dim=1, descending=True)  # (B, N)
+    k1 = count(pre > threshold, pre.shape[1])
+    order, by_query = order[:, :k1].sort(dim=1)  # (B, K1) the candidates, in query order
+    pre = pre[:, :k1].gather(1, by_query)  # (B, K1)
+    if mask_logits is None:  # kernels . M of the candidates only
+        b, e, h, w = mask_feats.shape
+        m = torch.bmm(gather_queries(kernels, order), mask_feats.flatten(2)).view(b, -1, h, w)
+    else:
+        m = gather_queries(mask_logits, order)  # (B, K1, h, w)
+    prob = (m if upsample == 1 else resize_bilinear(m, scale_factor=float(upsample))).sigmoid()
+    final = torch.where(pre > threshold, pre * maskness(prob, cfg.mask_threshold),
+                        torch.full_like(pre, -1.0))  # (B, K1)
+    final, rank = final.sort(dim=1, descending=True)  # (B, K1)
+    passed = final > (-1.0 if cut is None else cut)
+    k = count(passed, min(cfg.max_detections, k1))
+    final, rank, keep = final[:, :k], rank[:, :k], passed[:, :k]  # (B, K)
+    index = order.gather(1, rank)  # (B, K) query index
+    return {"scores": torch.where(keep, final, torch.zeros_like(final)), "labels": labels.gather(1, index),
+            "index": index, "keep": keep, "mask_prob": gather_queries(prob, rank)}
 
 
 def maskness(mask_prob: Tensor, threshold: float) -> Tensor:
@@ -165,22 +239,15 @@ def postprocess_image(logits: Tensor, objectness: Tensor, mask_logits: Tensor,
                       padded_size: tuple[int, int], image_size: tuple[int, int],
                       orig_size: tuple[int, int], cfg: InferenceConfig = InferenceConfig()
                       ) -> dict[str, Tensor]:
-    """One image's raw outputs -> instances sorted by score.
+    """One image's raw outputs with every query's mask -> instances sorted by score.
 
     logits (N, C), objectness (N, 1), mask_logits (N, h4, w4) at 1/4 of padded_size;
     image_size = the resized image inside the padding, orig_size = the original image.
     Returns labels (K,) int64, scores (K,) float, masks (K, H0, W0) bool.
     """
-    scores, labels = query_scores(logits.float(), objectness.float())  # (N,), (N,)
-    keep = scores > cfg.score_threshold
-    scores, labels, mask_prob = scores[keep], labels[keep], mask_logits[keep].float().sigmoid()
-    scores = scores * maskness(mask_prob, cfg.mask_threshold)  # (K,) final scores
-    order = scores.argsort(descending=True)[: cfg.max_detections]
-    if cfg.conf is not None:  # prediction: drop what --conf drops before any upsampling
-        order = order[scores[order] > cfg.conf]
-    scores, labels, mask_prob = scores[order], labels[order], mask_prob[order]
-    masks = binary_masks(mask_prob, padded_size, image_size, orig_size, cfg.mask_threshold)
-    return {"labels": labels, "scores": scores, "masks": masks}  # masks (K, H0, W0) bool
+    picked = select_instances(logits[None].float(), objectness[None].float(), None, None, cfg, 1,
+                              cfg.conf, mask_logits=mask_logits[None].float())
+    return _image_instances(picked, padded_size, image_size, orig_size, cfg.mask_threshold)
 
 
 def decode_instances(logits: Tensor, objectness: Tensor, kernels: Tensor, mask_feats: Tensor,
@@ -191,11 +258,18 @@ def decode_instances(logits: Tensor, objectness: Tensor, kernels: Tensor, mask_f
     `predict` and `val` on every backend, and the tracker's drawing all go through here.
 
     logits (N, C), objectness (N, 1), kernels (N, E), mask_feats M (E, h, w) at 1/8 of
-    padded_size: the raw graph's outputs (`MobileInst.inference_outputs`). Only the queries that
-    pass cfg.score_threshold get a mask (kernels[keep] . M), then `postprocess_image`.
+    padded_size: the raw graph's outputs (`MobileInst.inference_outputs`). `select_instances`
+    (only the candidates get a mask) on this one image, with cfg.conf as the final-score cut,
+    then `binary_masks` at the original size.
     Returns labels (K,) int64, scores (K,) float, masks (K, H0, W0) bool."""
-    scores, _ = query_scores(logits.float(), objectness.float())  # (N,)
-    keep = scores > cfg.score_threshold
-    masks = kernel_mask_logits(kernels[keep].float(), mask_feats.float(), mask_upsample)  # (K, 2h, 2w)
-    return postprocess_image(logits[keep], objectness[keep], masks, padded_size, image_size,
-                             orig_size, cfg)
+    picked = select_instances(logits[None].float(), objectness[None].float(), kernels[None].float(),
+                              mask_feats[None].float(), cfg, mask_upsample, cfg.conf)
+    return _image_instances(picked, padded_size, image_size, orig_size, cfg.mask_threshold)
+
+
+def _image_instances(picked: dict[str, Tensor], padded_size: tuple[int, int],
+                     image_size: tuple[int, int], orig_size: tuple[int, int],
+                     threshold: float) -> dict[str, Tensor]:
+    """`select_instances` of one image -> labels (K,), scores (K,), masks (K, H0, W0) bool."""
+    masks = binary_masks(picked["mask_prob"][0], padded_size, image_size, orig_size, threshold)
+    return {"labels": picked["labels"][0], "scores": picked["scores"][0], "masks": masks}

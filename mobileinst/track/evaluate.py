@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from ..data.coco import read_rgb
 from ..evaluate.ytvis_eval import VisMetrics, evaluate_ytvis
-from ..infer.model_info import ModelInfo
+from ..models.model_info import ModelInfo
 from ..infer.video import VideoPredictor
 from ..train import dist
 from ..utils import write_json

@@ -60,6 +60,8 @@ class TrainConfig:
     freeze_at: int = 0  # backbone levels fixed and run without gradient: 1 stride 2, 2 up to stride 4, ...
     log_interval: int = 50  # iterations between loss rows in results.csv
     crop: bool = False  # SparseInst's "_aug" random crop
+    copy_paste: float = 0.0  # probability of pasting another image's instances (Simple Copy-Paste)
+    color_jitter: float = 0.0  # brightness/contrast/saturation factors in [1 - c, 1 + c]; 0 = off
     aspect_grouping: bool = True  # batches of landscape or of portrait images only (train/sampler.py)
     eval_interval: int = 0  # iterations between evaluations; 0 -> once per epoch
     save_interval: int = 0  # iterations between last.pt saves; 0 -> eval_interval
@@ -119,7 +121,7 @@ LIMITS = [("iters", 0, 10**9), ("time", 0, 10**6), ("ema_tau", 1, 10**9), ("free
           ("workers", 0, 256), ("lr", 0, 1), ("weight_decay", 0, 1), ("backbone_lr_mult", 0, 10),
           ("warmup_iters", 0, 10**9), ("grad_clip", 0, 1e6), ("ema_decay", 0, 1),
           ("eval_interval", 0, 10**9), ("save_interval", 0, 10**9), ("num_queries", 1, 1000),
-          ("seed", 0, 2**32 - 1)]
+          ("seed", 0, 2**32 - 1), ("copy_paste", 0, 1), ("color_jitter", 0, 1)]
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,),
           "list": (list,)}
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",

@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.coco import CocoInstances
 from ..data.config import load_data_config
+from ..data.copy_paste import CopyPaste
 from ..data.loader import collate
 from ..data.transforms import EvalTransform, TrainTransform
 from ..errors import DataError
@@ -51,8 +52,10 @@ def build_train_loader(cfg: TrainConfig, rank: int, world: int) -> tuple[DataLoa
         return build_video_train_loader(cfg, data, rank, world, SkipUnreadable)
     if data.format != "coco":
         raise DataError(f"{cfg.data}: format {data.format!r} is not supported by image training")
-    dataset = SkipUnreadable(CocoInstances(data.train.json, data.train.images,
-                                           TrainTransform(cfg.imgsz, crop=cfg.crop), data.names))
+    transform = TrainTransform(cfg.imgsz, crop=cfg.crop, color=cfg.color_jitter)
+    mix = CopyPaste(cfg.copy_paste) if cfg.copy_paste > 0 else None
+    dataset = SkipUnreadable(CocoInstances(data.train.json, data.train.images, transform,
+                                           data.names, mix=mix))
     if cfg.batch % world:
         raise DataError(f"--batch {cfg.batch} does not split evenly over {world} workers")
     per_worker = cfg.batch // world

@@ -178,9 +178,10 @@ class Trainer:
         self.criterion = MobileInstCriterion(HungarianMatcher(), num_classes=len(self.class_names))
         self.video = getattr(self.train_set, "is_video", False)
         net, self.loss_fn = self.model, self.criterion
-        if self.video and (self.model_cfg.query_proposal or self.model_cfg.query_groups > 1):
-            raise MobileInstError("query_proposal and query_groups are image-training options: video "
-                                  "training (temporal query passing) does not train them")
+        if self.video and (self.model_cfg.query_proposal or self.model_cfg.query_groups > 1
+                           or cfg.copy_paste > 0):
+            raise MobileInstError("query_proposal, query_groups and copy_paste are image-training "
+                                  "options: video training (temporal query passing) does not take them")
         if self.video:  # temporal query passing on clips (train/video.py)
             net, self.loss_fn = TemporalQueryPassing(self.model), VideoCriterion(self.criterion)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.lr)

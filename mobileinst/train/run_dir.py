@@ -10,14 +10,13 @@ by accident.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from pathlib import Path
 
 import yaml
 
 from ..errors import MobileInstError
-from ..utils import check_output_dir
+from ..utils import check_output_dir, close_lock, try_flock
 
 LOCK_NAME = ".lock"
 # What a run writes (engine.py's module docstring); "holds a run" means any of these exists.
@@ -49,10 +48,8 @@ class RunLock:
     def __init__(self, run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / LOCK_NAME
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        if not try_flock(self.fd):  # forked data-loader workers do not hold it (utils.try_flock)
             holder = os.read(self.fd, 64).decode(errors="replace").strip() or "another process"
             os.close(self.fd)
             raise MobileInstError(f"{run_dir}: another training is writing to this run folder "
@@ -62,8 +59,7 @@ class RunLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
+            close_lock(self.fd)
             self.fd = None
 
 

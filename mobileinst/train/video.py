@@ -72,7 +72,7 @@ def build_video_train_loader(cfg: TrainConfig, data: DataConfig, rank: int, worl
                              ) -> tuple[DataLoader, object]:
     """The clip loader of a `video: true` DATA file; `wrap` is the image path's SkipUnreadable."""
     max_gap = int(data.extra.get("max_gap", 5))
-    transform = TrainTransform(cfg.imgsz, crop=cfg.crop)
+    transform = TrainTransform(cfg.imgsz, crop=cfg.crop, color=cfg.color_jitter)
     clips = YtvisClips(data.train.json, data.train.images, transform, data.names, max_gap=max_gap)
     if not any(clips.anns.values()):
         raise DataError(f"{data.train.json}: no annotations: nothing to train on")
