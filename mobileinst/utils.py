@@ -76,17 +76,44 @@ def os_reason(e: OSError) -> str:
     return f"{e.strerror or e} ({code})" if code else str(e) or type(e).__name__
 
 
-def temp_file_beside(path: Path) -> tuple[int, str]:
+def temp_file_beside(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
     """(fd, name) of a new temporary file in `path`'s folder, to be renamed over `path` (atomic
     writes). It gets the mode a plain open() would leave: the mode of the file it replaces, or
-    0666 & ~umask for a new one (mkstemp's own 0600 would hide exports from other users)."""
+    0666 & ~umask for a new one (mkstemp's own 0600 would hide exports from other users).
+    suffix: how its name ends (".tmp.mp4" for a writer that picks the format from the name)."""
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
     except OSError:
         mode = 0o666 & ~current_umask()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.fchmod(fd, mode)
     return fd, tmp
+
+
+PROBE_BYTES = 1 << 20
+
+
+def probe_write(folder: str | Path) -> OSError | None:
+    """Why writes into `folder` fail, as the OS says it: the OSError of writing (and syncing)
+    PROBE_BYTES to a temporary file there, which is removed; None when that works. For writers
+    in C libraries that fail without an errno (OpenCV's VideoWriter on a full disk only logs
+    "Failed to write frame"): call it before their partial file is removed, while the disk is
+    still as they found it."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        return e
+    try:
+        os.close(fd)
+        with open(name, "wb") as f:
+            f.write(bytes(PROBE_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e
+    finally:
+        Path(name).unlink(missing_ok=True)
+    return None
 
 
 def current_umask() -> int:

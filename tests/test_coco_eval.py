@@ -68,6 +68,20 @@ def test_encode_mask_is_detectron2s_rle():
     assert (mask_utils.decode(rle) == m).all()
 
 
+@pytest.mark.parametrize("case", ["bool", "uint8 255", "float", "strided view", "one row",
+                                  "one column", "empty", "odd 6001x5999"])
+def test_encode_mask_of_any_layout_is_detectron2s_rle(case):
+    """The column-major copy is made by OpenCV's transpose (fortran_uint8): every dtype, a view,
+    thin and empty masks encode byte-identically to detectron2's numpy copy."""
+    rng = np.random.default_rng(0)
+    m = rng.uniform(size=(40, 60)) > 0.7
+    m = {"uint8 255": m.astype(np.uint8) * 255, "float": m * 0.5, "strided view": m[::2, 1::3],
+         "one row": m[:1], "one column": m[:, :1], "empty": m[:0],
+         "odd 6001x5999": np.pad(m, ((0, 5961), (0, 5939)), "wrap")}.get(case, m)
+    d2 = mask_utils.encode(np.array(m[:, :, None] != 0, order="F", dtype="uint8"))[0]
+    assert encode_mask(m) == {"size": d2["size"], "counts": d2["counts"].decode("utf-8")}
+
+
 def test_instances_to_coco_json_maps_labels_to_category_ids():
     recs = instances_to_coco_json(5, np.array([1, 0]), np.array([0.5, 0.25]),
                                   np.stack([box(0, 4, 0, 4), box(4, 8, 4, 8)]), cat_ids=[3, 7])

@@ -11,9 +11,9 @@ ALL = list_models()
 
 
 def test_registry_names():
-    assert len(ALL) == 16
+    assert len(ALL) == 18
     for b in ("topformer-t", "topformer-s", "topformer-b", "seaformer-t", "seaformer-s",
-              "seaformer-b", "seaformer-l", "mobilenetv2"):
+              "seaformer-b", "seaformer-l", "mobilenetv2", "efficientnet-lite0"):
         assert f"mobileinst-{b}" in ALL and f"mobileinst-{b}-repro" in ALL
     assert get_config("mobileinst-topformer-t-repro").mask_dim == 256
     with pytest.raises(MobileInstError, match="unknown model"):

@@ -8,7 +8,6 @@ import builtins
 import json
 import re
 import errno
-import io
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -32,38 +31,8 @@ def one_line_error(capsys, *words: str) -> str:
 
 
 # -- 1. a full disk: one line naming the file, the old file intact, no temporary left --------------
-class FullFile(io.RawIOBase):
-    """A file opened for writing on a full disk: every write fails with ENOSPC."""
-
-    def __init__(self, f) -> None:
-        self._f = f
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    def fileno(self) -> int:
-        return self._f.fileno()
-
-    def close(self) -> None:
-        self._f.close()
-        super().close()
-
-
-@pytest.fixture
-def full_disk(monkeypatch):
-    """Every file opened for writing (builtins.open) refuses its bytes with ENOSPC."""
-    real_open = builtins.open
-
-    def open_full(file, mode="r", *args, **kwargs):
-        f = real_open(file, mode, *args, **kwargs)
-        if not any(m in mode for m in "wax"):
-            return f
-        raw = FullFile(f)
-        return raw if "b" in mode else io.TextIOWrapper(io.BufferedWriter(raw), write_through=True)
-    monkeypatch.setattr(builtins, "open", open_full)
+# FullFile and the full_disk fixture (every file opened for writing refuses its bytes with ENOSPC)
+# are in conftest.py: the tracker's mp4 tests use them too.
 
 
 def save_tiny_onnx(path: Path) -> None:

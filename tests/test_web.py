@@ -10,7 +10,11 @@ at 0, as tests/test_predict_robust.py: ~40-70 instances per image above conf 0.2
 folder on a free localhost port, runs the page on three generated PNGs (one at the input size,
 one scaled down into it, one scaled up) and compares its instances with `mobileinst predict
 --backend onnxruntime`'s predictor on the same graph and images: same count, each pair of the
-same class with mask IoU >= 0.99 and scores within 1e-3.
+same class with mask IoU >= 0.99 and scores within 1e-3. The tracking test runs a generated clip
+through the page's camera path (track.onnx / track-features.onnx in onnxruntime-web, video.js,
+tracker.js) and compares it with `mobileinst track --backend onnxruntime`'s `VideoPredictor` on
+the same graphs: the same track ids frame by frame (tests/test_web_tracker.py checks the same
+JavaScript in Node, fed exactly what the Python tracker receives).
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from mobileinst.checkpoint import save_checkpoint
 from mobileinst.cli import main
 from mobileinst.errors import MobileInstError
 from mobileinst.serve import ISOLATION_HEADERS, make_server
+from test_web_tracker import assert_same_tracks, clip_frames, page_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 IMGSZ = 128
@@ -41,6 +46,10 @@ EXPORT_CONF = 0.2   # the graph keeps instances above it
 CONF = 0.3          # compared at predict's default confidence
 SIZES = [(128, 128), (120, 160), (90, 100)]  # (H, W): as is, scaled down, scaled up
 ARTEFACTS = ROOT / "runs" / "web"  # the screenshot (git-ignored)
+CLIP_FRAMES = 8  # the tracking test's clip, served as clip/00000.png ...
+# its tracker settings (`VideoPredictor` options; the page's URL parameters): ~30 of 100 slots
+# alive per frame, tracks starting and ending
+TRACKING = {"reuse": 2, "conf": 0.3, "keep_conf": 0.29, "patience": 2}
 
 
 def _bench():
@@ -144,30 +153,33 @@ def web_dir(checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def site(web_dir, tmp_path_factory):
-    """The export plus test files, served with `mobileinst serve`'s server: images/, a text file,
-    a 6000x6000 PNG, a truncated PNG, and copies of the export without / with a broken model.json."""
-    from mobileinst.export.onnx import example_images
+    """The export plus test files, served with `mobileinst serve`'s server: images, a generated
+    clip's frames (clip/, PNG), a text file, a 6000x6000 PNG, a truncated PNG, and copies of the
+    export without / with a broken model.json."""
+    from mobileinst.export.web import write_example_images
     root = tmp_path_factory.mktemp("site") / "www"
     shutil.copytree(web_dir, root)
-    images = {}
-    for i, (h, w) in enumerate(SIZES):
-        img = example_images(1, h, w, seed=20 + i)[0]
-        name = f"img{i}_{w}x{h}.png"
-        cv2.imwrite(str(root / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-        images[name] = img
+    images = write_example_images(root, SIZES, seed=20)
+    clip = clip_frames(tmp_path_factory.mktemp("clip"), CLIP_FRAMES)
+    (root / "clip").mkdir()
+    for i, frame in enumerate(clip):
+        cv2.imwrite(str(root / "clip" / f"{i:05d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
     (root / "notes.txt").write_text("not an image")
     png = (root / next(iter(images))).read_bytes()
     (root / "truncated.png").write_bytes(png[: len(png) // 3])
     huge = np.zeros((6000, 6000, 3), np.uint8)
     huge[1000:5000, 1500:4500] = (200, 60, 60)
     cv2.imwrite(str(root / "huge.png"), huge)
-    for name, meta in [("no_meta", None), ("bad_json", "{not json"), ("bad_field", '{"format": "x"}')]:
+    no_track = json.loads((web_dir / "model.json").read_text())
+    del no_track["track"]  # an export from before the page tracked
+    for name, meta in [("no_meta", None), ("bad_json", "{not json"), ("bad_field", '{"format": "x"}'),
+                       ("no_track", json.dumps(no_track))]:
         shutil.copytree(web_dir, root / name)
         (root / name / "model.json").unlink()
         if meta is not None:
             (root / name / "model.json").write_text(meta)
     server, base = serve_thread(root)
-    yield {"root": root, "base": base, "images": images}
+    yield {"root": root, "base": base, "images": images, "clip": clip}
     server.shutdown()
     server.server_close()
 
@@ -263,6 +275,7 @@ def test_huge_image_is_downscaled_before_inference(page):
     ("no_meta", "model.json: missing (HTTP 404)"),
     ("bad_json", "model.json: not valid JSON"),
     ("bad_field", 'model.json: "format" must be "mobileinst-web", got "x"'),
+    ("no_track", 'model.json: "track" must describe the tracking graphs'),
 ])
 def test_missing_or_wrong_metadata_is_a_message_on_the_page(browser, site, folder, message):
     p = browser.new_page(site["base"] + folder + "/")
@@ -270,7 +283,7 @@ def test_missing_or_wrong_metadata_is_a_message_on_the_page(browser, site, folde
     assert not ready["ok"] and ready["error"].startswith(message), ready
     status = p.evaluate("[document.getElementById('status').textContent, document.getElementById('status').className]")
     assert status == [ready["error"], "error"]
-    got = run_page(p, "../img0_128x128.png")
+    got = run_page(p, "../image_0_128x128.png")
     assert not got["ok"] and got["error"] == ready["error"]
     browser.send("Target.closeTarget", {"targetId": p.target})
 
@@ -324,7 +337,7 @@ def test_int8_export_runs_in_the_page_as_in_python(checkpoint, browser, site, tm
 
 @pytest.mark.web
 def test_camera_frames_run_through_the_page(browser, site):
-    """Chromium's fake camera (a generated test pattern): frames are run and drawn on one card."""
+    """Chromium's fake camera (a generated test pattern): frames are tracked and drawn on one card."""
     p = browser.new_page(site["base"] + "?threads=1")
     assert p.evaluate("window.mobileinst.ready")["ok"]
     assert p.evaluate("window.mobileinst.camera(true)") == {"ok": True, "frames": 0}
@@ -334,7 +347,46 @@ def test_camera_frames_run_through_the_page(browser, site):
     assert stopped["ok"] and stopped["frames"] >= 3
     cards = p.evaluate("[...document.querySelectorAll('#results .card')].map((c) => c.textContent)")
     assert len(cards) == 1 and cards[0].startswith("camera: ") and "network" in cards[0], cards
+    assert " tracks · " in cards[0], cards  # camera frames are tracked
+    assert p.evaluate("window.mobileinst.cam.result.instances.every((d) => Number.isInteger(d.id) && d.id > 0)")
     assert p.evaluate("document.getElementById('status').className") != "error"
+    browser.send("Target.closeTarget", {"targetId": p.target})
+
+
+@pytest.mark.web
+def test_export_web_writes_the_tracking_graphs(web_dir):
+    """track.onnx and track-features.onnx: the graphs `track --backend onnxruntime` runs, at the
+    page's input size, as model.json's "track" names them."""
+    from mobileinst.export.onnx import graph_kind, read_metadata
+    meta = json.loads((web_dir / "model.json").read_text())
+    assert meta["format_version"] == 2
+    track = meta["track"]
+    assert track["outputs"] == {k: k for k in ("logits", "objectness", "kernels", "mask_features")}
+    assert (track["reuse"], track["patience"], track["mask_upsample"]) == (1, 10, 2)
+    for file, kind in ((track["key"], "raw"), (track["features"], "features")):
+        graph = read_metadata(web_dir / file)
+        assert graph_kind(graph) == kind
+        assert json.loads(graph["input_size"]) == meta["input"]["size"] and graph["input_dtype"] == "uint8"
+
+
+@pytest.mark.web
+def test_page_tracks_equal_python_tracker_on_a_clip(browser, site, web_dir):
+    """The clip's frames through the page's camera path (`trackUrls`: onnxruntime-web, video.js,
+    tracker.js) and through `VideoPredictor` on the same two graphs in onnxruntime: the same key
+    frames, track ids and classes frame by frame, scores within 1e-3, masks IoU >= 0.99."""
+    from mobileinst.infer.video import VideoPredictor
+    vp = VideoPredictor.from_onnx(web_dir / "track.onnx", web_dir / "track-features.onnx", **TRACKING)
+    want = [vp.step(frame) for frame in site["clip"]]
+    p = browser.new_page(site["base"] + "?threads=1&" + page_settings(**TRACKING))
+    assert p.evaluate("window.mobileinst.ready")["ok"]
+    urls = [f"clip/{i:05d}.png" for i in range(len(site["clip"]))]
+    got = p.evaluate(f"window.mobileinst.trackUrls({json.dumps(urls)})")
+    assert got["ok"], got
+    n = assert_same_tracks(got["frames"], want, score_atol=1e-3)
+    assert n > 0 and len({i for f in want for i in f.track_ids}) > 1
+    caption = p.evaluate("document.querySelector('#results .meta').textContent")
+    assert caption.startswith(f"{CLIP_FRAMES - 1:05d}.png: {len(want[-1])} tracks"), caption
+    print(f"page == VideoPredictor (onnxruntime) on {len(want)} frames, {n} track-frames")
     browser.send("Target.closeTarget", {"targetId": p.target})
 
 

@@ -21,15 +21,17 @@ N = queries (100), C = classes, E = kernel length (128).
     logits         (B, N, C)        float  class logits
     objectness     (B, N, 1)        float  objectness logit
     kernels        (B, N, E)        float  mask kernel of every query (track them across frames)
-    mask_features  (B, E, H/8, W/8) float  mask features M
+    mask_features  (B, E, H/s, W/s) float  mask features M at the mask stride s: 8, or 4 with
+                                           the `mask_stride: 4` option
 
 Decoding (SparseInst's recipe; `mobileinst.models.postprocess.decode_instances` does it):
 1. score = sqrt(sigmoid(logits) * sigmoid(objectness)) -> (B, N, C); per query,
    score, label = max / argmax over C (one label per query, no NMS).
 2. keep the queries with score > threshold (0.005 for evaluation; use your display
    confidence, e.g. 0.3, to skip work: the rescoring below never raises a score).
-3. mask logits of the kept queries: m = kernels @ M.flatten(2) -> (K, H/8, W/8), then bilinear
-   x2 (align_corners=False, i.e. ONNX Resize half_pixel) -> (K, H/4, W/4); p = sigmoid(m).
+3. mask logits of the kept queries: m = kernels @ M.flatten(2) -> (K, H/s, W/s), then bilinear
+   x u to stride 4, u = the metadata's `mask_upsample` (s / 4: 2 at stride 8, 1 = none at
+   stride 4; align_corners=False, i.e. ONNX Resize half_pixel) -> (K, H/4, W/4); p = sigmoid(m).
 4. rescoring ("maskness"): score *= sum(p * (p > 0.45)) / (sum(p > 0.45) + 1e-6).
 5. sort by score, keep at most 100.
 6. masks: bilinear-resize p to (H, W), crop the image's area inside the padding, bilinear-resize
@@ -88,7 +90,7 @@ Backbone + mask decoder (SEMD) only, no instance decoder: same input, same prepr
 output. A video app runs the raw graph above on key frames and this one on the frames between,
 dotting their mask features with the last key frame's kernels (`mobileinst.infer.video`).
 
-    mask_features  (B, E, H/8, W/8) float  equal to the raw graph's mask_features
+    mask_features  (B, E, H/s, W/s) float  equal to the raw graph's mask_features
 
 Metadata (`metadata_props`: `ModelInfo.to_metadata` writes it, `ModelInfo.from_metadata` reads
 it back; `read_metadata` gets the dict): producer, format_version, mobileinst_version,

@@ -7,19 +7,31 @@ The folder (any static server serves it; `mobileinst serve` adds the cross-origi
 headers that multi-threaded WASM needs):
 
     index.html, app.js     the page: pick or drop images, masks drawn, confidence slider, timings
+    tracker.js, video.js   tracking of camera frames: ports of `track/association_np.py` and
+                           `track/tracker.py` (kernel association, track ids), and of
+                           `infer/video.py` (kernel reuse, the raw outputs decoded)
     model.onnx             the post-processed graph (`export_onnx(postprocess=True)`: labels,
                            scores, masks at the input size), fixed size, uint8 input; with
                            `--int8 --calib DATA` its static int8 copy (`quantize.quantize_int8`,
                            QDQ; the post-processing stays float), which onnxruntime-web runs too
+    track.onnx, track-features.onnx
+                           the two graphs `mobileinst track --backend onnxruntime` runs, at the
+                           same fixed size, uint8 input, float (also with --int8): the raw-output
+                           key-frame graph (every query's logits, objectness and kernel: the
+                           association needs all N, which the post-processed graph does not
+                           return) and the features graph of the frames between key frames
     model.json             metadata the page reads (`web_metadata`): class names, colours, input
-                           size and pad pixel, output names, confidence, onnxruntime-web version
+                           size and pad pixel, output names, confidence, onnxruntime-web version,
+                           the tracking graphs and settings (`track_metadata`)
     ort.min.js, ort-wasm-simd-threaded.jsep.{mjs,wasm}
                            onnxruntime-web (WASM, and WebGPU where the browser has it), copied from
                            the npm package `make web-deps` installs (ORT_WEB_VERSION) into .web/
 
 The page does what `mobileinst predict --backend onnxruntime` does with a fixed-size graph
 (`infer/preprocess.py` letterbox with OpenCV's bilinear resize, `infer/results.py` crop and
-resize of the masks), so its instances equal Python's (tests/test_web.py checks it in Chromium).
+resize of the masks), so its instances equal Python's (tests/test_web.py checks it in Chromium);
+its camera tracks equal `mobileinst track --backend onnxruntime`'s on the same graphs
+(tests/test_web_tracker.py in Node, tests/test_web.py in Chromium).
 Nothing is fetched from the network when the page runs.
 """
 from __future__ import annotations
@@ -34,9 +46,10 @@ from typing import Any
 
 from .. import __version__
 from ..errors import MobileInstError
+from ..models.model_info import RAW_OUTPUTS, ModelInfo
 from ..utils import current_umask, write_json
 from ..viz import color
-from .onnx import export_onnx, read_metadata
+from .onnx import example_images, export_onnx, read_metadata
 from .quantize import quantize_int8
 
 log = logging.getLogger("mobileinst.export")
@@ -45,10 +58,12 @@ ORT_WEB_VERSION = "1.31.1"  # the onnxruntime-web release `make web-deps` instal
 ORT_FILES = ("ort.min.js", "ort-wasm-simd-threaded.jsep.mjs", "ort-wasm-simd-threaded.jsep.wasm")
 ORT_ENV = "MOBILEINST_ORT_WEB"  # a dist/ folder of onnxruntime-web, instead of .web/
 ORT_SUBDIR = Path(".web") / "node_modules" / "onnxruntime-web" / "dist"
-ASSETS = ("index.html", "app.js")  # the page, in mobileinst/export/web_assets/
+ASSETS = ("index.html", "app.js", "tracker.js", "video.js")  # the page, in mobileinst/export/web_assets/
 GRAPH_NAME, META_NAME = "model.onnx", "model.json"
+TRACK_GRAPHS = {"full": "track.onnx", "features": "track-features.onnx"}  # export --part -> file
 WEB_FORMAT = "mobileinst-web"
-WEB_FORMAT_VERSION = 1
+WEB_FORMAT_VERSION = 2  # 2: the tracking graphs and model.json's "track"
+TRACK_REUSE, TRACK_PATIENCE = 1, 10  # the page's defaults, `mobileinst track`'s
 DEFAULT_CONF = 0.1  # the graph keeps instances above it: the lowest the page's slider shows
 DISPLAY_CONF = 0.3  # the slider's start, as `mobileinst predict --conf`
 PALETTE_SIZE = 64   # instance colours (viz.color), by rank as in predict's overlays
@@ -83,8 +98,20 @@ def ort_version(dist: Path) -> str:
         return "unknown"
 
 
-def web_metadata(graph_meta: dict[str, str], conf: float, version: str, int8: bool = False) -> dict[str, Any]:
-    """model.json: what the page needs, from the exported graph's own metadata."""
+def track_metadata(key_graph: Path) -> dict[str, Any]:
+    """model.json's "track": the tracking graphs, their outputs and decode, the tracker's defaults
+    (the start score is the page's confidence, the keep score half of it, as `mobileinst track`)."""
+    info = ModelInfo.from_metadata(key_graph, read_metadata(key_graph))
+    return {"key": TRACK_GRAPHS["full"], "features": TRACK_GRAPHS["features"],
+            "outputs": {name: name for name in RAW_OUTPUTS}, "mask_upsample": info.mask_upsample,
+            "mask_threshold": info.inference.mask_threshold, "reuse": TRACK_REUSE,
+            "patience": TRACK_PATIENCE}
+
+
+def web_metadata(graph_meta: dict[str, str], conf: float, version: str, int8: bool = False,
+                 track: dict[str, Any] | None = None) -> dict[str, Any]:
+    """model.json: what the page needs, from the exported graph's own metadata (and `track`,
+    `track_metadata` of the tracking graphs)."""
     size = json.loads(graph_meta["input_size"])
     return {
         "producer": "mobileinst", "format": WEB_FORMAT, "format_version": WEB_FORMAT_VERSION,
@@ -100,6 +127,7 @@ def web_metadata(graph_meta: dict[str, str], conf: float, version: str, int8: bo
         "max_det": int(graph_meta.get("max_det", 100)),
         "mask_threshold": float(graph_meta.get("mask_threshold", 0.45)),
         "ort_web_version": version, "source": graph_meta.get("source", ""), "int8": int8,
+        "track": track,
     }
 
 
@@ -120,6 +148,31 @@ def check_web_out(out: Path) -> None:
 def copy_files(src: Path, names: tuple[str, ...], dst: Path) -> None:
     for name in names:
         shutil.copyfile(src / name, dst / name)
+
+
+def write_example_images(folder: str | Path, sizes: list[tuple[int, int]], seed: int = 10) -> dict[str, Any]:
+    """Natural-looking test images (`example_images`, seed + i), one per (H, W) of `sizes`,
+    written as PNG files image_{i}_{W}x{H}.png into `folder` -> {file name: RGB array}
+    (tests/test_web.py and benchmarks/web_latency.py feed them to the page)."""
+    import cv2
+    images = {}
+    for i, (h, w) in enumerate(sizes):
+        img = example_images(1, h, w, seed=seed + i)[0]
+        name = f"image_{i}_{w}x{h}.png"
+        cv2.imwrite(str(Path(folder) / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        images[name] = img
+    return images
+
+
+def export_track_graphs(model, info, folder: Path, imgsz: tuple[int, int], metadata: dict[str, str] | None,
+                        simplify: bool, opset: int) -> dict[str, Any]:
+    """The two graphs `mobileinst track --backend onnxruntime` runs (TRACK_GRAPHS: raw key-frame
+    and features), fixed size, uint8 input, float, into `folder` -> model.json's "track"."""
+    for part, name in TRACK_GRAPHS.items():
+        export_onnx(model, folder / name, imgsz=imgsz, part=part, input_dtype="uint8", simplify=simplify,
+                    opset=opset, class_names=list(info.class_names), cat_ids=list(info.cat_ids),
+                    metadata=metadata or {})
+    return track_metadata(folder / TRACK_GRAPHS["full"])
 
 
 def export_web(model, info, out: str | Path, imgsz: tuple[int, int], conf: float | None = None,
@@ -146,7 +199,9 @@ def export_web(model, info, out: str | Path, imgsz: tuple[int, int], conf: float
             float_graph = graph.rename(tmp / "model-float.onnx")
             graph = quantize_int8(float_graph, tmp / GRAPH_NAME, calib, n=calib_n)
             float_graph.unlink()
-        write_json(tmp / META_NAME, web_metadata(meta, conf, ort_version(dist), calib is not None), indent=1)
+        track = export_track_graphs(model, info, tmp, imgsz, metadata, simplify, opset)
+        write_json(tmp / META_NAME, web_metadata(meta, conf, ort_version(dist), calib is not None, track),
+                   indent=1)
         copy_files(Path(__file__).with_name("web_assets"), ASSETS, tmp)
         copy_files(dist, ORT_FILES, tmp)
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp made it 0700

@@ -26,11 +26,12 @@ from torch import Tensor
 
 from ..checkpoint import model_from_checkpoint
 from ..models.mobileinst import MobileInst
-from ..models.postprocess import InferenceConfig, conf_config, decode_instances
+from ..models.postprocess import (InferenceConfig, binary_masks, conf_config, decode_instances,
+                                   decode_selected, evaluation_config)
 from ..models.model_info import ModelInfo
 from .model_info import Described
 from .preprocess import check_image, prediction_sizes, prepare
-from .results import Result, postprocessed_result
+from .results import MaskChunks, Result, postprocessed_result
 
 log = logging.getLogger("mobileinst.infer")
 RAW_KEYS = ("logits", "objectness", "kernels", "mask_features")
@@ -60,8 +61,11 @@ class Predictor(Described):
         """The network: the prepared float batch (B, 3, H, W) 0..255 -> its outputs by name."""
         raise NotImplementedError(f"{type(self).__name__} does not implement forward")
 
-    def __call__(self, images: np.ndarray | list[np.ndarray]) -> Result | list[Result]:
-        """RGB uint8 image(s) (H, W, 3) -> Result(s) with score > conf, masks at the image's size."""
+    def __call__(self, images: np.ndarray | list[np.ndarray], lazy_masks: bool = False
+                 ) -> Result | list[Result]:
+        """RGB uint8 image(s) (H, W, 3) -> Result(s) with score > conf, masks at the image's size.
+        lazy_masks: each Result's masks a `MaskChunks`, made a few at a time as they are iterated
+        (`val`: memory bounded on huge photos whatever the instance count)."""
         single = isinstance(images, np.ndarray)
         batch_imgs = [images] if single else list(images)
         for img in batch_imgs:
@@ -69,14 +73,14 @@ class Predictor(Described):
         step = self.info.input.batch or max(1, len(batch_imgs))
         results = []
         for start in range(0, len(batch_imgs), step):
-            results += self._predict(batch_imgs[start:start + step])
+            results += self._predict(batch_imgs[start:start + step], lazy_masks)
         return results[0] if single else results
 
     @torch.no_grad()
-    def _predict(self, images: list[np.ndarray]) -> list[Result]:
+    def _predict(self, images: list[np.ndarray], lazy_masks: bool = False) -> list[Result]:
         batch, sizes = self.prepare(images)
         return self.postprocess(self.forward(batch), tuple(batch.shape[-2:]), sizes,
-                                [im.shape[:2] for im in images])
+                                [im.shape[:2] for im in images], lazy_masks)
 
     # -- the three stages (public, so benchmarks time exactly what prediction runs) ---------------
     def prepare(self, images: list[np.ndarray]) -> tuple[Tensor, list[tuple[int, int]]]:
@@ -86,33 +90,53 @@ class Predictor(Described):
         return prepare(images + [images[-1]] * fill, self.info.input, self.imgsz, self.max_size)
 
     def postprocess(self, out: dict[str, Tensor | np.ndarray], padded: tuple[int, int],
-                    sizes: list[tuple[int, int]], origs: list[tuple[int, int]]) -> list[Result]:
-        """Post-processing: the network's outputs -> one Result per original image (origs)."""
+                    sizes: list[tuple[int, int]], origs: list[tuple[int, int]],
+                    lazy_masks: bool = False) -> list[Result]:
+        """Post-processing: the network's outputs -> one Result per original image (origs);
+        lazy_masks: masks as `MaskChunks` (see __call__)."""
         if self.info.graph == "postprocess":
-            return [postprocessed_result(out, i, sizes[i], origs[i], self.conf or 0.0, self.info)
-                    for i in range(len(origs))]
-        cfg = self.info.inference  # evaluation; with conf, masks only for what conf keeps
-        cfg = cfg if self.conf is None else conf_config(cfg, self.conf)
+            return [postprocessed_result(out, i, sizes[i], origs[i], self.conf or 0.0, self.info,
+                                         lazy_masks) for i in range(len(origs))]
+        # evaluation (conf None): every class of a query ranked (multi_label); with conf, one label
+        # per query and masks only for what conf keeps
+        cfg = self.info.inference
+        cfg = evaluation_config(cfg) if self.conf is None else conf_config(cfg, self.conf)
         results = []
-        for inst in decode_outputs(out, padded, sizes, origs, cfg, self.info.mask_upsample):
-            labels = inst["labels"].cpu().numpy()
-            results.append(Result(labels, inst["scores"].cpu().numpy(), inst["masks"].cpu().numpy(),
-                                  self.info.names(labels)))
+        for inst in decode_outputs(out, padded, sizes, origs, cfg, self.info.mask_upsample, lazy_masks):
+            labels, masks = inst["labels"].cpu().numpy(), inst["masks"]
+            results.append(Result(labels, inst["scores"].cpu().numpy(),
+                                  masks if lazy_masks else masks.cpu().numpy(), self.info.names(labels)))
         return results
 
 
 def decode_outputs(out: dict[str, Tensor | np.ndarray], padded: tuple[int, int],
                    sizes: list[tuple[int, int]], origs: list[tuple[int, int]],
-                   cfg: InferenceConfig = InferenceConfig(), mask_upsample: int = 2
-                   ) -> list[dict[str, Tensor]]:
+                   cfg: InferenceConfig = InferenceConfig(), mask_upsample: int = 2,
+                   lazy_masks: bool = False) -> list[dict[str, Tensor | MaskChunks]]:
     """A raw-output batch {logits, objectness, kernels, mask_features} (tensors or arrays, any
     backend) -> per original image {labels, scores, masks bool (K, H0, W0)}: `decode_instances`
-    on each of the first len(origs) images (the rest fill a fixed batch)."""
+    on each of the first len(origs) images (the rest fill a fixed batch). lazy_masks: masks as
+    a `MaskChunks` of the same masks, `binary_masks` run a few instances at a time."""
     results = []
     for i in range(len(origs)):
         raw = [torch.as_tensor(out[k][i]) for k in RAW_KEYS]  # (N, C), (N, 1), (N, E), (E, h, w)
-        results.append(decode_instances(*raw, padded, tuple(sizes[i]), tuple(origs[i]), cfg, mask_upsample))
+        size, orig = tuple(sizes[i]), tuple(origs[i])
+        if not lazy_masks:
+            results.append(decode_instances(*raw, padded, size, orig, cfg, mask_upsample))
+            continue
+        picked = decode_selected(*raw, cfg, mask_upsample)
+        prob = picked.pop("mask_prob")
+        results.append({**picked, "masks": lazy_binary_masks(prob, padded, size, orig, cfg.mask_threshold)})
     return results
+
+
+def lazy_binary_masks(mask_prob: Tensor, padded: tuple[int, int], size: tuple[int, int],
+                      orig: tuple[int, int], threshold: float) -> MaskChunks:
+    """`binary_masks` of (K, h4, w4) probabilities as a MaskChunks: the same (K, H0, W0) bool
+    masks, a few instances per call."""
+    def make(start: int, end: int) -> np.ndarray:
+        return binary_masks(mask_prob[start:end], padded, size, orig, threshold).cpu().numpy()
+    return MaskChunks(len(mask_prob), orig, make)
 
 
 class TorchPredictor(Predictor):

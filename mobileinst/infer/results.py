@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -10,16 +11,41 @@ from pycocotools import mask as mask_utils
 from ..evaluate.coco_eval import encode_mask
 from ..models.model_info import ModelInfo
 
-# Bytes of uint8 intermediates `resize_masks` may hold at once at the original size.
+# Bytes of uint8 intermediates `resize_masks` may hold at once at the original size, and of
+# full-size masks `MaskChunks` holds at once.
 MASK_CHUNK_BYTES = 64 << 20
+
+
+class MaskChunks:
+    """K full-size bool masks (H, W) made a few at a time as they are iterated: `make(start, end)`
+    -> masks[start:end] as (end - start, H, W) bool, called with at most ~chunk_bytes of masks
+    (at least one). What `val` decodes into: its 100 masks of a 6000 x 6000 photo are 3.6 GB
+    at once, ~36 MB this way; each mask is only encoded to RLE and dropped (`result_records`)."""
+
+    def __init__(self, count: int, size: tuple[int, int],
+                 make: Callable[[int, int], np.ndarray], chunk_bytes: int = MASK_CHUNK_BYTES) -> None:
+        self.count, self.size, self.make = count, (int(size[0]), int(size[1])), make
+        self.step = max(1, chunk_bytes // max(1, self.size[0] * self.size[1]))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.count, *self.size)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for start in range(0, self.count, self.step):
+            yield from self.make(start, min(start + self.step, self.count))
 
 
 @dataclass
 class Result:
-    """Instances of one image: labels (K,), scores (K,), masks (K, H, W) bool, sorted by score."""
+    """Instances of one image: labels (K,), scores (K,), masks (K, H, W) bool, sorted by score
+    (masks a `MaskChunks` when asked for lazily: iterate it, one mask at a time)."""
     labels: np.ndarray
     scores: np.ndarray
-    masks: np.ndarray
+    masks: np.ndarray | MaskChunks
     names: list[str] = field(default_factory=list)  # class name per instance
     path: str = ""
 
@@ -41,17 +67,22 @@ def result_records(result: Result, image_id: int, file_name: str, cat_ids: list[
 
 
 def postprocessed_result(out: dict[str, np.ndarray], i: int, size: tuple[int, int],
-                         orig: tuple[int, int], conf: float, info: ModelInfo) -> Result:
+                         orig: tuple[int, int], conf: float, info: ModelInfo,
+                         lazy_masks: bool = False) -> Result:
     """Image i of a post-processed graph's outputs (labels, scores, masks at the input size) ->
     its Result: the slots scoring above conf, masks cropped and resized to the original size.
 
     K (the slots) is whatever the graph returned: max_det (graphs exported before `conf`
     existed), or data-dependent (export `--conf`: the instances scoring above it, 0 when none;
     in a batch the most any image keeps, the other images' extra slots score 0, empty masks);
-    a conf below the graph's export conf cannot show more (`Predictor` warns once)."""
+    a conf below the graph's export conf cannot show more (`Predictor` warns once).
+    lazy_masks: masks as a `MaskChunks`, resized a few at a time when iterated."""
     keep = out["scores"][i] > conf
-    labels, scores = out["labels"][i][keep], out["scores"][i][keep]
-    masks = resize_masks(out["masks"][i][keep], size, orig)
+    labels, scores, small = out["labels"][i][keep], out["scores"][i][keep], out["masks"][i][keep]
+    if lazy_masks:
+        masks = MaskChunks(len(small), orig, lambda s, e: resize_masks(small[s:e], size, orig))
+    else:
+        masks = resize_masks(small, size, orig)
     return Result(labels, scores, masks, info.names(labels))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .efficientnet_lite import efficientnet_lite
 from .mobilenetv2 import mobilenetv2
 from .seaformer import seaformer
 from .topformer import topformer
@@ -24,6 +25,10 @@ def _mobilenetv2(variant: str) -> nn.Module:
     return mobilenetv2(variant)
 
 
+def _efficientnet_lite(variant: str) -> nn.Module:
+    return efficientnet_lite(variant)
+
+
 # name -> (constructor, variant); names are the user-facing backbone names
 BACKBONES = {
     "topformer-t": (_topformer, "t"),
@@ -34,6 +39,7 @@ BACKBONES = {
     "seaformer-b": (_seaformer, "b"),
     "seaformer-l": (_seaformer, "l"),
     "mobilenetv2": (_mobilenetv2, "1.0"),
+    "efficientnet-lite0": (_efficientnet_lite, "0"),
 }
 
 

@@ -17,11 +17,8 @@ from ..registry import ModelConfig
 from .backbones import build_backbone
 from .instance_decoder import DualTransformerDecoder
 from .mask_decoder import SemanticEnhancedMaskDecoder, Stride4MaskFeatures
+from .normalization import PIXEL_MEAN, PIXEL_STD  # also imported from here (data, infer, model_info)
 from .postprocess import InferenceConfig, decode_instances
-
-# Input normalisation of the reproduction config and of TopFormer/SeaFormer (mobileinst.md).
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 def group_of(heads: dict[str, Tensor], groups: int, g: int) -> dict[str, Tensor]:
@@ -163,9 +160,10 @@ class MobileInst(nn.Module):
     # -- inference ---------------------------------------------------------------------------
     def postprocess(self, outputs: tuple[Tensor, Tensor, Tensor, Tensor], padded_size: tuple[int, int],
                     image_sizes: list[tuple[int, int]] | None = None,
-                    orig_sizes: list[tuple[int, int]] | None = None) -> list[dict[str, Tensor]]:
+                    orig_sizes: list[tuple[int, int]] | None = None,
+                    cfg: InferenceConfig | None = None) -> list[dict[str, Tensor]]:
         """`inference_outputs` -> per image {labels (K,), scores (K,), masks (K, H0, W0) bool}
-        (`decode_instances` with `self.inference`).
+        (`decode_instances` with `cfg`, default `self.inference`).
 
         image_sizes: each image's size inside the padding (default: the padded size);
         orig_sizes: the size to return masks at (default: image_sizes)."""
@@ -174,6 +172,6 @@ class MobileInst(nn.Module):
         image_sizes = image_sizes or [padded_size] * b
         orig_sizes = orig_sizes or image_sizes
         return [decode_instances(logits[i], obj[i], kernels[i], mask_feats[i], padded_size,
-                                 tuple(image_sizes[i]), tuple(orig_sizes[i]), self.inference,
+                                 tuple(image_sizes[i]), tuple(orig_sizes[i]), cfg or self.inference,
                                  self.cfg.mask_upsample)
                 for i in range(b)]

@@ -38,8 +38,8 @@ RAW_OUTPUTS = {
     "logits": "(B, N, C) float32 class logits",
     "objectness": "(B, N, 1) float32 objectness logit",
     "kernels": "(B, N, E) float32 mask kernels",
-    "mask_features": "(B, E, H/8, W/8) float32 mask features; mask logits = "
-                     "bilinear_x2(kernels @ mask_features)",
+    "mask_features": "(B, E, H/s, W/s) float32 mask features at the mask stride s (8, or 4); "
+                     "mask logits = bilinear x mask_upsample (s / 4) of kernels @ mask_features",
 }
 POSTPROCESS_OUTPUTS = {
     "labels": "(B, K) int64 class index; K = the instances kept (score > conf, or > 0 without "

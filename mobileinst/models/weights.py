@@ -1,4 +1,4 @@
-"""Strict loading of pretrained backbone weights (TopFormer, SeaFormer, MobileNetV2).
+"""Strict loading of pretrained backbone weights (TopFormer, SeaFormer, MobileNetV2, EfficientNet-Lite0).
 
 The official TopFormer / SeaFormer loaders take `state_dict_ema`, else `state_dict`, else `model`,
 else the dict itself, and load *non-strictly*: a checkpoint whose keys carry an unexpected prefix,
@@ -283,7 +283,8 @@ def describe(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
     """Name the backbone a key -> shape mapping belongs to ("TopFormer-B", ...), None if unknown.
 
     Read from one signature tensor per family: TopFormer's embed_dim (transformer input width),
-    SeaFormer's last stage width, MobileNetV2's 1280-channel last conv.
+    SeaFormer's last stage width, MobileNetV2's 1280-channel last conv; lukemelas' EfficientNet
+    layout (`_conv_head`) by its block count and squeeze-excitation tensors (Lite has none).
     """
     to_q = shapes.get("trans.transformer_blocks.0.attn.to_q.c.weight")
     if to_q is not None and len(to_q) == 4:
@@ -296,7 +297,18 @@ def describe(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
     head = shapes.get("features.18.0.weight")
     if head is not None and len(head) == 4:
         return "MobileNetV2" if tuple(head[:2]) == (1280, 320) else "MobileNetV2 (other width)"
+    if "_conv_head.weight" in shapes:
+        return _describe_efficientnet(shapes)
     return None
+
+
+def _describe_efficientnet(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """lukemelas' efficientnet_pytorch layout: Lite0 is 16 blocks, head 320 -> 1280, no SE."""
+    if any("._se_reduce." in k for k in shapes):
+        return "EfficientNet (with squeeze-excitation, not Lite)"
+    blocks = {k.split(".")[1] for k in shapes if k.startswith("_blocks.")}
+    lite0 = len(blocks) == 16 and tuple(shapes["_conv_head.weight"][:2]) == (1280, 320)
+    return "EfficientNet-Lite0" if lite0 else "EfficientNet-Lite (other size)"
 
 
 # ---------------------------------------------------------------------------------------- copying

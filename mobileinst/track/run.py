@@ -13,7 +13,9 @@ Writes, in out_dir:
 
 The json files are written in a `finally` block and the mp4 writer is released there too, so an
 exception or Ctrl-C mid-video leaves valid files covering the frames finished (summary.json says
-`complete: false`). A hard kill (SIGKILL) cannot be caught: nothing is written then.
+`complete: false`). A hard kill (SIGKILL) cannot be caught: nothing is written then (the mp4's
+temporary `.NAME.mp4.*.tmp.mp4` stays). A file that cannot be written (a full disk) is one line
+naming it and the reason; files of an earlier run in out_dir are replaced only by whole files.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import numpy as np
 
 from tqdm import tqdm
 
+from ..errors import MobileInstError
 from ..utils import IMGSZ_RANGE, check_output_dir, check_range, resolve_device, write_json
 from ..viz import color, draw_instances
 from ..infer.video import TrackedFrame, VideoPredictor
@@ -87,12 +90,32 @@ def track_source(weights: str | Path | VideoPredictor, source: str | Path, out_d
     finally:
         bar.close()
         frames.close()
-        if writer is not None:
-            writer.close()
         elapsed = time.perf_counter() - t0
         summary.update(frames_total=frames.length or summary["frames_done"],
                        tracks=len(results.records()), seconds=round(elapsed, 3),
                        fps=round(summary["frames_done"] / max(elapsed, 1e-9), 2))
-        results.save(out / "results.json")
-        write_json(out / "summary.json", summary)
+        write_outputs(writer, results, summary, out)
     return summary
+
+
+def write_outputs(writer: Mp4Writer | None, results: TrackResults, summary: dict, out: Path) -> None:
+    """Finish the mp4, then write results.json and summary.json, each tried even when one before
+    failed (a full disk: the small json files may still fit; summary.json then says `video:
+    null`). A failure is one MobileInstError: the first file's line, naming the others that
+    failed too. Every file is written atomically, so an earlier run's file stays whole."""
+    failed: list[tuple[Path, MobileInstError]] = []
+    if writer is not None:
+        try:
+            writer.close()
+        except MobileInstError as e:
+            failed.append((writer.path, e))
+            summary["video"] = None
+    for path, write in ((out / "results.json", results.save),
+                        (out / "summary.json", lambda p: write_json(p, summary))):
+        try:
+            write(path)
+        except MobileInstError as e:
+            failed.append((path, e))
+    if failed:
+        also = [str(p) for p, _ in failed[1:]]
+        raise MobileInstError(str(failed[0][1]) + (f"; not written either: {', '.join(also)}" if also else ""))

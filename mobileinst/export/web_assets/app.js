@@ -1,25 +1,35 @@
 /* mobileinst in the browser: onnxruntime-web runs the post-processed graph that
  * `mobileinst export --format web` wrote (labels, scores, masks at the input size); this script
  * decodes the image, letterboxes it as mobileinst/infer/preprocess.py does, crops and resizes the
- * masks as mobileinst/infer/results.py does, and draws. Plain JavaScript, no build step, nothing
- * fetched from the network: model.json, model.onnx and onnxruntime-web sit beside this file.
+ * masks as mobileinst/infer/results.py does, and draws. Camera frames are tracked instead, as
+ * `mobileinst track --backend onnxruntime` tracks a video: the raw graphs (track.onnx on key
+ * frames, track-features.onnx between them) and video.js / tracker.js (kernel reuse, kernel
+ * association, track ids). Plain JavaScript, no build step, nothing fetched from the network:
+ * model.json, the graphs and onnxruntime-web sit beside this file.
  *
- * window.mobileinst.ready       -> Promise of {ok, error, backend, threads, isolated}
- * window.mobileinst.runOnUrl(u) -> Promise of {ok, error | name, width, height, timing, instances}
+ * window.mobileinst.ready          -> Promise of {ok, error, backend, threads, isolated}
+ * window.mobileinst.runOnUrl(u)    -> Promise of {ok, error | name, width, height, timing, instances}
+ * window.mobileinst.trackUrls(us)  -> Promise of {ok, error | frames: [{key, timing, tracks}]}: the
+ *                                     images as one video's frames, through the camera's path
+ *
+ * URL parameters: backend, threads, conf (also the tracker's start score), and for tracking
+ * reuse (key-frame interval), keep (the keep score, default conf / 2), patience.
  */
 'use strict';
 (function () {
   const META = 'model.json';
   const FORMAT = 'mobileinst-web';
-  const FORMAT_VERSION = 1;
+  const FORMAT_VERSION = 2;
   const MAX_PIXELS = 100e6;   // larger images are refused (their RGBA alone would be 400 MB)
   const MAX_SIDE = 4096;      // larger sides are downscaled to DOWN_SIDE before inference
   const DOWN_SIDE = 2048;
   const ALPHA = 0.5;          // mask overlay opacity, as mobileinst/viz.py
+  const REUSE_CHOICES = [1, 2, 3, 5, 10];
   const $ = (id) => document.getElementById(id);
   const params = new URLSearchParams(location.search);
   const state = {meta: null, session: null, backend: 'wasm', threads: 1, isolated: false,
-                 results: [], queue: Promise.resolve(), conf: 0.3};
+                 results: [], queue: Promise.resolve(), conf: 0.3, track: null, trackLoading: null};
+  const isInt = (v) => Number.isInteger(v) && v > 0;
 
   function say(msg, kind) {
     const s = $('status');
@@ -57,7 +67,6 @@
     const bad = (key, want) => {
       throw new Error(`${META}: ${key} ${want}; export the model again (mobileinst export --format web)`);
     };
-    const isInt = (v) => Number.isInteger(v) && v > 0;
     if (!m || typeof m !== 'object' || Array.isArray(m)) bad('the file', 'must be a JSON object');
     if (m.format !== FORMAT) bad('"format"', `must be "${FORMAT}", got ${JSON.stringify(m.format)}`);
     if (!isInt(m.format_version)) bad('"format_version"', 'must be a positive integer');
@@ -88,6 +97,25 @@
     for (const k of ['conf', 'default_conf']) {
       if (typeof m[k] !== 'number' || !(m[k] >= 0 && m[k] < 1)) bad(`"${k}"`, 'must be a number in [0, 1)');
     }
+    checkTrackMeta(m.track, bad);
+  }
+
+  function checkTrackMeta(t, bad) {  // "track": the tracking graphs and settings (format 2)
+    if (!t || typeof t !== 'object' || Array.isArray(t)) bad('"track"', 'must describe the tracking graphs');
+    for (const k of ['key', 'features']) {
+      if (typeof t[k] !== 'string' || !t[k]) bad(`"track.${k}"`, 'must name an ONNX file');
+    }
+    const out = t.outputs || {};
+    for (const k of ['logits', 'objectness', 'kernels', 'mask_features']) {
+      if (typeof out[k] !== 'string') bad(`"track.outputs.${k}"`, 'must name a graph output');
+    }
+    for (const k of ['mask_upsample', 'reuse']) {
+      if (!isInt(t[k])) bad(`"track.${k}"`, 'must be a positive integer');
+    }
+    if (!(Number.isInteger(t.patience) && t.patience >= 0)) bad('"track.patience"', 'must be an integer >= 0');
+    if (typeof t.mask_threshold !== 'number' || !(t.mask_threshold >= 0 && t.mask_threshold < 1)) {
+      bad('"track.mask_threshold"', 'must be a number in [0, 1)');
+    }
   }
 
   function loadScript(src) {
@@ -102,15 +130,14 @@
   }
 
   // -- start-up --------------------------------------------------------------------------------
-  async function createSession(backend) {
-    return ort.InferenceSession.create(state.meta.model, {executionProviders: [backend],
-                                                          graphOptimizationLevel: 'all'});
+  async function createSession(backend, file = state.meta.model) {
+    return ort.InferenceSession.create(file, {executionProviders: [backend], graphOptimizationLevel: 'all'});
   }
 
   async function init() {
     say(`loading ${META}…`);
     state.meta = await loadMeta();
-    await loadScript('ort.min.js');
+    for (const src of ['ort.min.js', 'tracker.js', 'video.js']) await loadScript(src);
     state.isolated = self.crossOriginIsolated === true;
     const cores = navigator.hardwareConcurrency || 1;
     const asked = parseInt(params.get('threads') || '', 10);
@@ -165,6 +192,7 @@
     conf.addEventListener('input', () => {
       state.conf = Number(conf.value);
       $('confval').textContent = state.conf.toFixed(2);
+      if (state.track) state.track.stream.tracker.cfg.startScore = state.conf;
       for (const r of state.results) draw(r);
     });
     const threads = $('threads');
@@ -187,7 +215,21 @@
     if (navigator.mediaDevices && navigator.mediaDevices.getUserMedia) {
       $('camera').hidden = false;
       $('camera').addEventListener('click', () => camera(!cam.on));
+      setupReuse();
     }
+  }
+
+  function setupReuse() {  // the key-frame interval of tracking, changed between frames
+    const reuse = $('reuse');
+    const start = trackSettings().reuse;
+    const choices = [...new Set([...REUSE_CHOICES, start])].sort((a, b) => a - b);
+    reuse.innerHTML = choices.map((n) => `<option value="${n}">${n}</option>`).join('');
+    reuse.value = String(start);
+    $('reuselabel').hidden = false;
+    reuse.addEventListener('change', () => {
+      params.set('reuse', reuse.value);  // for a stream not made yet
+      if (state.track) state.track.stream.reuse = Number(reuse.value);
+    });
   }
 
   function setupInputs() {  // at once, so that a file dropped before (or without) a model is a message
@@ -392,7 +434,80 @@
             timing: {decode: t1 - t0, pre: t2 - t1, network: t3 - t2}};
   }
 
-  // -- camera: every frame through the same path as an image, drawn on one card -----------------
+  // -- tracking: kernel reuse + association (video.js, tracker.js), as `mobileinst track` -----------
+  function trackSettings() {  // model.json's defaults, overridden by the URL's
+    const t = state.meta.track, num = (k, d) => (params.has(k) ? Number(params.get(k)) : d);
+    return {reuse: Math.max(1, Math.round(num('reuse', t.reuse))),
+            patience: Math.max(0, Math.round(num('patience', t.patience))),
+            keepScore: num('keep', null)};
+  }
+
+  async function openTrackGraph(file, outputs) {
+    let session;
+    try {
+      session = await createSession(state.backend, file);
+    } catch (e) {
+      throw new Error(`${file}: cannot be loaded (${errText(e)}); export the model again`);
+    }
+    const missing = outputs.filter((o) => !session.outputNames.includes(o));
+    if (missing.length) {
+      throw new Error(`${META}: ${file} has no output ${missing.join(', ')} (it has ` +
+                      `${session.outputNames.join(', ')}): the metadata belongs to another model`);
+    }
+    return session;
+  }
+
+  // the tracking graphs' sessions and the stream's state, made once, on first use (not for images)
+  function trackState() {
+    if (!state.trackLoading) state.trackLoading = loadTrack().catch((e) => { state.trackLoading = null; throw e; });
+    return state.trackLoading;
+  }
+
+  async function loadTrack() {
+    const t = state.meta.track, o = t.outputs, before = [$('status').textContent, $('status').className];
+    say(`loading ${t.key} and ${t.features} (tracking)…`);
+    const key = await openTrackGraph(t.key, [o.logits, o.objectness, o.kernels, o.mask_features]);
+    const features = await openTrackGraph(t.features, [o.mask_features]);
+    const {reuse, patience, keepScore} = trackSettings();
+    const stream = new window.mobileinstVideo.VideoStream({
+      maskUpsample: t.mask_upsample, maskThreshold: t.mask_threshold, reuse, patience, keepScore, startScore: state.conf});
+    state.track = {key, features, stream};
+    say(...before);
+    return state.track;
+  }
+
+  // one video frame (decoding started at t0) through the tracking graphs -> a result with track ids
+  async function trackFrame(img, name, t0) {
+    const {key, features, stream} = state.track;
+    const t1 = now();
+    const {data, h, w} = letterbox(img);
+    const [H, W] = state.meta.input.size;
+    const session = stream.isKey() ? key : features;
+    const feeds = {[session.inputNames[0]]: new ort.Tensor('uint8', data, [1, 3, H, W])};
+    const t2 = now();
+    const out = await session.run(feeds);
+    const t3 = now();
+    const o = state.meta.track.outputs;
+    const r = stream.step({logits: out[o.logits], objectness: out[o.objectness], kernels: out[o.kernels],
+                           maskFeatures: out[o.mask_features]}, {padded: [H, W], size: [h, w], orig: [img.h, img.w]});
+    const instances = r.tracks.map((d) => ({...d, name: state.meta.class_names[d.label] ?? String(d.label)}));
+    return {name, w: img.w, h: img.h, note: img.note, bmp: img.bmp, instances, tracked: true, key: r.key,
+            reuse: stream.reuse, t0, t3, timing: {decode: t1 - t0, pre: t2 - t1, network: t3 - t2}};
+  }
+
+  function showFrame(holder, r) {  // a video's frame, drawn on the video's one card
+    if (holder.result) {
+      holder.result.bmp.close();
+      Object.assign(holder.result, r);
+      draw(holder.result);
+    } else {
+      holder.result = r;
+      addCard(r);
+    }
+    finish(holder.result);
+  }
+
+  // -- camera: every frame tracked, drawn on one card ------------------------------------------
   const cam = {on: false, video: null, stream: null, result: null, frames: 0, loop: null};
 
   async function camera(on) {
@@ -409,13 +524,14 @@
       if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
         throw new Error('this browser gives no camera to this page (cameras need https:// or localhost)');
       }
+      await trackState();
       cam.stream = await navigator.mediaDevices.getUserMedia(
         {video: {facingMode: 'environment', width: {ideal: 640}, height: {ideal: 480}}, audio: false});
       cam.video = document.createElement('video');
       Object.assign(cam.video, {muted: true, playsInline: true, srcObject: cam.stream});
       await cam.video.play();
     } catch (e) {
-      const msg = `camera: ${errText(e)}${e && e.name ? ` (${e.name})` : ''}`;
+      const msg = `camera: ${errText(e)}${e && e.name && e.name !== 'Error' ? ` (${e.name})` : ''}`;
       say(msg, 'error');
       return {ok: false, error: msg};
     }
@@ -428,19 +544,11 @@
   }
 
   async function cameraLoop() {
+    state.track.stream.reset();  // a new video: frame 0 is a key frame, ids start at 1
     while (cam.on) {
       const t0 = now();
       const bmp = await createImageBitmap(cam.video);
-      const r = await detect(pixels(bmp), 'camera', t0);
-      if (cam.result) {
-        cam.result.bmp.close();
-        Object.assign(cam.result, r);
-        draw(cam.result);
-      } else {
-        cam.result = r;
-        addCard(r);
-      }
-      finish(cam.result);
+      showFrame(cam, await trackFrame(pixels(bmp), 'camera', t0));
       cam.frames++;
       await new Promise((resolve) => requestAnimationFrame(resolve));
     }
@@ -460,8 +568,18 @@
     draw(result);
   }
 
-  function shown(result) {
-    return result.instances.filter((d) => d.score > state.conf);
+  function shown(result) {  // a tracked frame shows its alive tracks (the tracker applied conf)
+    return result.tracked ? result.instances : result.instances.filter((d) => d.score > state.conf);
+  }
+
+  // an image's instances: colours by rank; a video's tracks: by id, as `mobileinst track`
+  function colorOf(result, d, i) {
+    const colors = state.meta.colors;
+    return colors[(result.tracked ? d.id : i) % colors.length];
+  }
+
+  function labelOf(result, d) {
+    return `${result.tracked ? `#${d.id} ` : ''}${d.name} ${d.score.toFixed(2)}`;
   }
 
   function draw(result) {
@@ -474,9 +592,9 @@
     const keep = shown(result);
     if (keep.length) {
       const im = ctx.getImageData(0, 0, w, h);
-      const px = im.data, colors = state.meta.colors;
+      const px = im.data;
       keep.forEach((d, i) => {
-        const c = colors[i % colors.length];
+        const c = colorOf(result, d, i);
         const m = d.mask;
         for (let p = 0, q = 0; p < m.length; p++, q += 4) {
           if (m[p]) {
@@ -490,8 +608,8 @@
       ctx.font = `${Math.max(11, Math.round(Math.min(w, h) / 30))}px sans-serif`;
       ctx.textBaseline = 'top';
       keep.forEach((d, i) => {
-        const c = colors[i % colors.length];
-        const text = `${d.name} ${d.score.toFixed(2)}`;
+        const c = colorOf(result, d, i);
+        const text = labelOf(result, d);
         const tw = ctx.measureText(text).width + 4, th = parseInt(ctx.font, 10) + 4;
         const x = Math.min(d.box[0], Math.max(0, w - tw)), y = Math.min(d.box[1], Math.max(0, h - th));
         ctx.fillStyle = `rgb(${c[0]},${c[1]},${c[2]})`;
@@ -505,7 +623,10 @@
 
   function caption(result) {
     const t = result.timing, f = (v) => v.toFixed(1);
-    result.info.textContent = `${result.name}: ${shown(result).length} instances > ${state.conf.toFixed(2)} · ` +
+    const what = result.tracked
+      ? `${shown(result).length} tracks · ${result.key ? 'key frame' : 'kernels reused'} (reuse ${result.reuse})`
+      : `${shown(result).length} instances > ${state.conf.toFixed(2)}`;
+    result.info.textContent = `${result.name}: ${what} · ` +
       `pre ${f(t.pre)} ms · network ${f(t.network)} ms · post ${f(t.post)} ms · ` +
       `decode ${f(t.decode)} ms · ${state.backend} ${state.threads}T` + (result.note ? ` · ${result.note}` : '');
   }
@@ -528,34 +649,59 @@
   }
 
   // -- for tests and benchmarks ------------------------------------------------------------------
-  function rle(mask) {  // row-major run lengths, starting with a run of 0s
-    const counts = [];
-    let last = 0, run = 0;
-    for (let i = 0; i < mask.length; i++) {
-      if (mask[i] !== last) { counts.push(run); run = 0; last = mask[i]; }
-      run++;
-    }
-    counts.push(run);
-    return counts;
+  const nameOf = (url) => decodeURIComponent(url.split('/').pop() || url);
+
+  async function fetchBlob(url, name) {
+    const resp = await fetch(url);
+    if (!resp.ok) throw new Error(`${name}: HTTP ${resp.status}`);
+    return resp.blob();
+  }
+
+  function instanceJson(d) {  // mask as row-major run lengths (video.js `rle`)
+    return {...(d.id === undefined ? {} : {id: d.id}), label: d.label, name: d.name, score: d.score,
+            box: d.box, area: d.area, rle: window.mobileinstVideo.rle(d.mask)};
   }
 
   async function runOnUrl(url, conf) {
     await ready;
     if (!state.session) return {ok: false, error: $('status').textContent};
-    const name = decodeURIComponent(url.split('/').pop() || url);
+    const name = nameOf(url);
     let r;
     try {
-      const resp = await fetch(url);
-      if (!resp.ok) throw new Error(`${name}: HTTP ${resp.status}`);
-      r = await enqueue(await resp.blob(), name);
+      r = await enqueue(await fetchBlob(url, name), name);
     } catch (e) {
       return {ok: false, error: errText(e), shown: $('results').firstChild.textContent};
     }
     const cut = conf === undefined ? state.conf : conf;
     return {ok: true, name, width: r.w, height: r.h, note: r.note, timing: r.timing,
             backend: state.backend, threads: state.threads,
-            instances: r.instances.filter((d) => d.score > cut).map((d) => ({
-              label: d.label, name: d.name, score: d.score, box: d.box, area: d.area, rle: rle(d.mask)}))};
+            instances: r.instances.filter((d) => d.score > cut).map(instanceJson)};
+  }
+
+  // the images at `urls` as the frames of one video, tracked through the camera's path
+  async function trackUrls(urls) {
+    await ready;
+    if (!state.session) return {ok: false, error: $('status').textContent};
+    const holder = {result: null}, frames = [];
+    const job = async () => {
+      await trackState();
+      state.track.stream.reset();
+      for (const url of urls) {
+        const name = nameOf(url), t0 = now();
+        showFrame(holder, await trackFrame(await decode(await fetchBlob(url, name), name), name, t0));
+        const r = holder.result;
+        frames.push({name, key: r.key, timing: {...r.timing}, tracks: r.instances.map(instanceJson)});
+      }
+    };
+    const run = state.queue.then(job);
+    state.queue = run.catch(() => {});
+    try {
+      await run;
+    } catch (e) {
+      say(errText(e), 'error');
+      return {ok: false, error: errText(e)};
+    }
+    return {ok: true, frames};
   }
 
   setupInputs();
@@ -563,5 +709,5 @@
     say(errText(e), 'error');
     return {ok: false, error: errText(e)};
   });
-  window.mobileinst = {ready, runOnUrl, camera, state, cam, resize};
+  window.mobileinst = {ready, runOnUrl, trackUrls, camera, state, cam, resize};
 })();
