@@ -37,7 +37,7 @@ from mobileinst.checkpoint import save_checkpoint
 from mobileinst.cli import main
 from mobileinst.errors import MobileInstError
 from mobileinst.serve import ISOLATION_HEADERS, make_server
-from test_web_tracker import assert_same_tracks, clip_frames, page_settings
+from test_web_tracker import assert_same_tracks, clip_frames, page_settings, unrle
 
 ROOT = Path(__file__).resolve().parents[1]
 IMGSZ = 128
@@ -62,15 +62,6 @@ def _bench():
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
-def unrle(counts: list[int], h: int, w: int) -> np.ndarray:
-    """The page's row-major run lengths (first run: 0s) -> (h, w) bool."""
-    flat = np.zeros(h * w, bool)
-    ends = np.cumsum(counts)
-    for i in range(1, len(counts), 2):
-        flat[ends[i - 1]:ends[i]] = True
-    return flat.reshape(h, w)
 
 
 def serve_thread(folder: Path, handler=None) -> tuple[ThreadingHTTPServer, str]:
