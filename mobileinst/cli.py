@@ -132,8 +132,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides.update(data=args.data, **{k: getattr(args, k) for k in TRAIN_SWITCHES})
     cfg = (TrainConfig.from_yaml(args.cfg, **overrides) if args.cfg else
            TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None}))
-    from .utils import check_memory  # a batch of the largest images: at least inference's memory
-    check_memory("--imgsz", cfg.imgsz, round(cfg.imgsz * 853 / 640), cfg.batch, "training")
+    from .utils import TRAIN_BYTES_PER_PIXEL, check_memory  # a batch of the largest images
+    check_memory("--imgsz", cfg.imgsz, round(cfg.imgsz * 853 / 640), cfg.batch, "training",
+                 TRAIN_BYTES_PER_PIXEL)
     resume = args.resume
     if resume == "auto" and not cfg.out_dir:
         raise MobileInstError("--resume without a path needs --out-dir (the run folder to resume)")

@@ -354,6 +354,11 @@ SEED_RANGE = (0, 2**32 - 1)
 # Peak resident memory of inference per input pixel, one image: `predict --imgsz 4096` (a
 # 4096 x 5459 input) peaked at 4.7-5.5 GB (issue 23), about 250 bytes per pixel.
 INFER_BYTES_PER_PIXEL = 250
+# Training per input pixel of a batch (forward activations kept for the backward, gradients, the
+# in-run evaluation): 800-930 bytes at batch 1 and --imgsz 1024-2048 (benchmarks/peak_rss.py),
+# 1210-1370 at the default 640 x batch 16 (TopFormer-T 10.6 GB, the MobileNetV2 hard_cpu model
+# 12.0 GB peak). The check takes the low end, so it refuses only runs that cannot fit.
+TRAIN_BYTES_PER_PIXEL = 800
 
 
 def available_memory() -> int | None:
@@ -368,15 +373,17 @@ def available_memory() -> int | None:
     return None
 
 
-def check_memory(option: str, short: int, long: int, images: int = 1, what: str = "inference") -> None:
+def check_memory(option: str, short: int, long: int, images: int = 1, what: str = "inference",
+                 per_pixel: int = INFER_BYTES_PER_PIXEL) -> None:
     """MobileInstError before any work when `images` inputs of short x long pixels would need
-    more memory than is available (`INFER_BYTES_PER_PIXEL` each: training needs at least that)."""
-    need, have = INFER_BYTES_PER_PIXEL * short * long * images, available_memory()
+    more memory than is available (`per_pixel` bytes each: INFER_BYTES_PER_PIXEL for inference,
+    TRAIN_BYTES_PER_PIXEL for training)."""
+    need, have = per_pixel * short * long * images, available_memory()
     if have is None or need <= have:
         return
-    fits = int((have / images / INFER_BYTES_PER_PIXEL * 640 / 853) ** 0.5) // 32 * 32
+    fits = int((have / images / per_pixel * 640 / 853) ** 0.5) // 32 * 32
     batch = f" x {images} images" if images > 1 else ""
     raise MobileInstError(
         f"{option} {short}: {what} at {short}x{long}{batch} needs about {need / 1e9:.1f} GB "
-        f"(~{INFER_BYTES_PER_PIXEL} bytes per pixel), but only {have / 1e9:.1f} GB is available; "
+        f"(~{per_pixel} bytes per pixel), but only {have / 1e9:.1f} GB is available; "
         f"use {option} {max(fits, 32)} or less" + (" or a smaller batch" if images > 1 else ""))

@@ -390,7 +390,19 @@ def test_train_and_val_batches_beyond_memory_are_refused(synth, tiny_weights, tm
     else:
         argv = ["val", "--weights", str(ckpt), "--data", str(synth), "--imgsz", "2048", "--batch", "4"]
     assert main(argv) == 2
-    one_line_error(capsys, "--imgsz 2048: ", "x 4 images needs about 5.6 GB", "or a smaller batch")
+    need = "17.9 GB (~800 bytes" if verb == "train" else "5.6 GB (~250 bytes"  # training keeps more
+    one_line_error(capsys, "--imgsz 2048: ", f"x 4 images needs about {need}", "or a smaller batch")
+    assert not (tmp_path / "r").exists()
+
+
+def test_training_is_checked_at_trainings_memory_not_inferences(synth, tmp_path, capsys, four_gb):
+    """One 2048 image: inference's 1.4 GB fits in 4 GB, training's ~800 bytes per pixel (4.5 GB)
+    does not (measured: 800-930 bytes at batch 1, 1210-1370 at 640 x 16; utils.TRAIN_BYTES_PER_PIXEL)."""
+    argv = ["train", "--data", str(synth), "--out-dir", str(tmp_path / "r"), "--imgsz", "2048",
+            "--batch", "1", "--iters", "1"]
+    assert main(argv) == 2
+    one_line_error(capsys, "--imgsz 2048: training at 2048x2730 needs about 4.5 GB",
+                   "use --imgsz 1920 or less")
     assert not (tmp_path / "r").exists()
 
 
