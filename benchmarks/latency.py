@@ -271,7 +271,7 @@ def worker(cfg: dict) -> dict:
         names = [o.name for o in sess.get_outputs()]
         run = lambda: dict(zip(names, sess.run(None, {"images": batch})))  # noqa: E731
     else:
-        from mobileinst.export.fuse import fuse_conv_bn, to_channels_last
+        from mobileinst.infer.fuse import fuse_conv_bn, to_channels_last
         if name in PEERS:
             model = build_peer(name)
             x = batch / 255.0  # the peer normalises to 0..1 itself in its own predictor

@@ -3,14 +3,17 @@
     python benchmarks/peak_rss.py                          # the three rows below
     python benchmarks/peak_rss.py --rows val --out peak_rss.md
     python benchmarks/peak_rss.py --rows predict train --imgsz 1024 2048 4096 --mem-cap 12
+    python benchmarks/peak_rss.py --rows train --batch 16 --imgsz 640 --mem-cap 20   # the default recipe
 
 Rows (each the CLI a user runs, `python -m mobileinst.cli VERB ...`, in a fresh process that
 reports its own peak RSS: VmHWM at exit, `predict_memory.peak_rss_mib`, imports and model
 included):
 - predict: one 4000x3000 photo at `--imgsz S` (S = 4096: a 4096 x 5461 input), default conf 0.3;
-- train: `--iters N --batch 1 --workers 0 --imgsz S` on a generated 2-image set (`data
+- train: `--iters N --batch B --workers 0 --imgsz S` on a generated max(2, B)-image set (`data
   synth`-style, 4 classes): SparseInst's multi-scale draws (short side up to S) and the
-  evaluation at S that ends the run;
+  evaluation at S that ends the run; its row also gives the peak per input pixel of a batch
+  (B x S x round(S * 853 / 640), the size `train`'s memory check assumes), to compare with
+  `mobileinst.utils.TRAIN_BYTES_PER_PIXEL` (README: 1210-1370 at 640 x 16 by /usr/bin/time);
 - val: one 6000x6000 photo at the checkpoint's size (640): 100 kept instances, whose full-size
   masks were 3.6 GB at once before they were made a few at a time (issue 23).
 predict and val run MobileInst-TopFormer-T with random weights, 80 classes (predict_memory's
@@ -82,10 +85,10 @@ def commands(rows: list[str], tmp: Path, args: argparse.Namespace) -> list[tuple
                   "--out-dir", str(tmp / f"predict{s}"), *threads]) for s in args.imgsz]
     if "train" in rows:
         from mobileinst.data.synthetic import make_synthetic_coco
-        data = make_synthetic_coco(tmp / "synth", n_train=2, n_val=1, seed=0)
-        out += [("train", f"{args.iters} iterations, batch 1, --imgsz {s}, final evaluation",
+        data = make_synthetic_coco(tmp / "synth", n_train=max(2, args.batch), n_val=1, seed=0)
+        out += [("train", f"{args.iters} iterations, batch {args.batch}, --imgsz {s}, final evaluation",
                  ["train", "--data", str(data), "--model", "mobileinst-topformer-t", "--imgsz", str(s),
-                  "--iters", str(args.iters), "--batch", "1", "--workers", "0",
+                  "--iters", str(args.iters), "--batch", str(args.batch), "--workers", "0",
                   "--out-dir", str(tmp / f"train{s}")]) for s in args.imgsz]
     if "val" in rows:
         data = val_set(tmp / "val", args.val_side, [f"class{i}" for i in range(80)])
@@ -93,6 +96,15 @@ def commands(rows: list[str], tmp: Path, args: argparse.Namespace) -> list[tuple
                     ["val", "--weights", str(weights), "--data", str(data), "--workers", "0",
                      "--batch", "1", *threads]))
     return out
+
+
+def train_pixels(argv: list[str]) -> int | None:
+    """Input pixels of a training batch (`train`'s memory check: B x S x round(S * 853 / 640));
+    None for the other verbs."""
+    if argv[0] != "train":
+        return None
+    s, b = (int(argv[argv.index(k) + 1]) for k in ("--imgsz", "--batch"))
+    return b * s * round(s * 853 / 640)
 
 
 def run_row(argv: list[str], threads: int, cap_gib: float) -> dict:
@@ -106,6 +118,9 @@ def run_row(argv: list[str], threads: int, cap_gib: float) -> dict:
     row = {"code": p.returncode, "wall_s": wall}
     if peak:
         row.update(code=int(peak[-1][1]), peak_mib=float(peak[-1][2]))
+        pixels = train_pixels(argv)
+        if pixels:  # bytes per input pixel, as TRAIN_BYTES_PER_PIXEL counts them
+            row["bytes_per_px"] = row["peak_mib"] * 2**20 / pixels
     if row["code"]:
         err = p.stderr.strip()
         over = any(k in err for k in OVER_CAP)
@@ -116,11 +131,14 @@ def run_row(argv: list[str], threads: int, cap_gib: float) -> dict:
 def table(rows: list[dict], threads: int, cap_gib: float) -> str:
     lines = [f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {threads} thread(s) per run, "
              f"each capped at {cap_gib:g} GiB of address space; python {platform.python_version()}.", "",
-             "| verb | run | exit | peak RSS (MiB) | wall (s) |", "|---|---|---|---|---|"]
+             "| verb | run | exit | peak RSS (MiB) | bytes / input px | wall (s) |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
+        per_px = f"{r['bytes_per_px']:.0f}" if "bytes_per_px" in r else "-"
         note = f" ({r['error']})" if r.get("error") else ""
-        lines.append(f"| {r['verb']} | {r['what']}{note} | {r['code']} | {peak} | {r['wall_s']:.1f} |")
+        lines.append(f"| {r['verb']} | {r['what']}{note} | {r['code']} | {peak} | {per_px} | "
+                     f"{r['wall_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -132,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mem-cap", type=float, default=10.0,
                    help="each run's address-space limit in GiB (default 10)")
     p.add_argument("--iters", type=int, default=2, help="training iterations")
+    p.add_argument("--batch", type=int, default=1, help="training batch (the recipes': 16)")
     p.add_argument("--val-side", type=int, default=6000, help="val's square photo, pixels a side")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="also write the table to this file")

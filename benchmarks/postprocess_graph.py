@@ -133,7 +133,7 @@ class Tail(nn.Module):
 
 def export_module(module: nn.Module, example: tuple[Tensor, ...], input_names: list[str]):
     """torch.onnx.export (dynamo, opset 18, static shapes) -> ModelProto."""
-    from mobileinst.export.onnx import _quiet, _tag_postprocess_nodes
+    from mobileinst.infer.onnx_graph import _quiet, _tag_postprocess_nodes
     with torch.no_grad(), _quiet():
         prog = torch.onnx.export(module, example, None, dynamo=True, opset_version=18,
                                  input_names=input_names, output_names=OUTPUTS, optimize=True,
@@ -178,7 +178,7 @@ def time_sessions(sessions: dict[str, Any], feeds: list[dict[str, np.ndarray]], 
 def realistic(model: nn.Module, h: int, w: int) -> nn.Module:
     """Random weights scaled as in tests/test_export.py (`make_realistic`): mask features centred,
     mask logits std ~4, so masks have sharp edges and a trained-looking maskness."""
-    from mobileinst.export.onnx import example_images, to_input
+    from mobileinst.infer.onnx_graph import example_images, to_input
     model.eval()
     x = torch.from_numpy(to_input(example_images(1, h, w, seed=3), "float32"))
     mf = model.features(x)[0]
@@ -204,7 +204,7 @@ def synthetic_inputs(model: nn.Module, h: int, w: int, k: int, seed: int = 0) ->
     """Tail inputs of a synthetic photo where exactly `k` queries have a high pre-score
     (0.55..0.95) and the others a low one (0.01..0.25); with the pooled class term, the logits
     given are such that the final logits (after the term) have those scores."""
-    from mobileinst.export.onnx import example_images, to_input
+    from mobileinst.infer.onnx_graph import example_images, to_input
     rng = np.random.default_rng(seed)
     logits, obj, kernels, mf = heads_of(model, to_input(example_images(1, h, w, seed=seed), "float32"))
     n, c = logits.shape[1:]
@@ -286,8 +286,8 @@ def bench_full(model: nn.Module, h: int, w: int, batch: np.ndarray, runs: int, w
     """Whole graphs (network + tail), fixed (1, 3, h, w) uint8, onnxslim'd: old vs new conf 0.3."""
     import onnxslim
 
-    from mobileinst.export.fuse import fuse_conv_bn
-    from mobileinst.export.onnx import ExportGraph, _quiet, _torch_export
+    from mobileinst.infer.fuse import fuse_conv_bn
+    from mobileinst.infer.onnx_graph import ExportGraph, _quiet, _torch_export
     net = fuse_conv_bn(model).eval()
     x = np.ascontiguousarray(batch.round().clip(0, 255).astype(np.uint8))
     graphs = {"old max_det=100": OldExportGraph(net, True, 100),

@@ -41,15 +41,15 @@ from mobileinst.data.coco import read_rgb  # noqa: E402
 from mobileinst.data.config import load_data_config  # noqa: E402
 from mobileinst.data.synthetic_video import make_synthetic_ytvis  # noqa: E402
 from mobileinst.data.ytvis import YtvisClips  # noqa: E402
-from mobileinst.evaluate.coco_eval import encode_mask  # noqa: E402
+from mobileinst.data.rle import encode_mask  # noqa: E402
 from mobileinst.evaluate.ytvis_eval import evaluate_ytvis, load_ytvis_json  # noqa: E402
 from mobileinst.models.postprocess import InferenceConfig, class_scores, maskness, upsample_masks  # noqa: E402
 from mobileinst.infer.factory import load_trained  # noqa: E402
 from mobileinst.models.model_info import ModelInfo  # noqa: E402
 from mobileinst.infer.preprocess import preprocess  # noqa: E402
-from mobileinst.track.evaluate import EVAL_CONF, predict_videos  # noqa: E402
+from mobileinst.evaluate.video import EVAL_CONF, predict_videos  # noqa: E402
 from mobileinst.infer.video import VideoPredictor  # noqa: E402
-from mobileinst.track.tracker import TrackerConfig  # noqa: E402
+from mobileinst.infer.tracker import TrackerConfig  # noqa: E402
 from mobileinst.utils import keep_freed_memory  # noqa: E402
 
 LINK_IOU = 0.3  # baseline: the least mask IoU that links an instance to a track

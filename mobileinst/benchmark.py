@@ -571,11 +571,30 @@ def run_benchmark(weights: str | Path, data: str | Path, formats: list[str] | No
                   command: str | None = None, verbose: bool = True) -> list[dict]:
     """Export `weights` to every requested installed format (default: every installed one) and
     measure each (format, threads) in its own process (module docstring). Returns one dict per
-    row (the CSV's columns; the torch reference first) and writes OUT/benchmark.{csv,json,md}."""
-    from .train.run_dir import claim_new_run_dir
-    requested = formats is not None
+    row (the CSV's columns; the torch reference first) and writes OUT/benchmark.{csv,json,md}.
+
+    A folder named by `out` may be the user's (issue 23): it is locked while the benchmark runs
+    (a second one into it is refused) and refused before any work when it holds files mobileinst
+    did not write; what the benchmark wrote is recorded in its manifest (`utils.owned_folder`),
+    so a rerun may replace it. Every file is written atomically (a kill leaves no half file)."""
     fmts = check_options(weights, data, formats, threads, imgsz, runs, warmup, conf, calib_n, out,
                          int8, calib)
+    opts = (weights, data, fmts, formats is not None, threads, imgsz, runs, warmup, conf, int8,
+            calib, calib_n, command, verbose)
+    if out is None:  # a new runs/benchmark/expN, made by an atomic mkdir: no one else's
+        return _benchmark(None, *opts)
+    from .utils import owned_folder
+    with owned_folder(Path(out), "benchmark folder (--out)") as out_dir:
+        return _benchmark(out_dir, *opts)
+
+
+def _benchmark(out_dir: Path | None, weights: str | Path, data: str | Path, fmts: list[str],
+               requested: bool, threads: list[int] | tuple[int, ...], imgsz: int | None, runs: int,
+               warmup: int, conf: float, int8: bool, calib: str | Path | None, calib_n: int,
+               command: str | None, verbose: bool) -> list[dict]:
+    """run_benchmark once its options are checked and `out_dir` (None: a new runs/benchmark/expN)
+    is claimed."""
+    from .train.run_dir import claim_new_run_dir
     threads = list(dict.fromkeys(int(t) for t in threads))
     from .data.config import load_data_config
     cfg = load_data_config(data)
@@ -605,8 +624,7 @@ def run_benchmark(weights: str | Path, data: str | Path, formats: list[str] | No
     if size % 32:
         raise MobileInstError(f"{weights}: trained at {size} px, not a multiple of 32; give --imgsz")
     hw = (size, size)
-    out_dir = Path(out) if out else claim_new_run_dir("runs/benchmark")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = out_dir or claim_new_run_dir("runs/benchmark")
     (out_dir / "records").mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=out_dir))
     weights = Path(weights)

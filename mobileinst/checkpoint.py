@@ -21,7 +21,7 @@ import torch
 from . import utils
 from .errors import CheckpointError
 from .models.mobileinst import MobileInst
-from .registry import ModelConfig
+from .models.registry import ModelConfig
 
 FORMAT_VERSION = 2  # 2: RNG state as tensors / plain values (loads with weights_only=True)
 # What a format-1 file's pickled NumPy RNG state needs; array reconstruction runs no user code.

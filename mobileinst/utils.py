@@ -11,9 +11,12 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from .errors import MobileInstError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def write_json(path: str | Path, obj: Any, indent: int | None = None) -> Path:
@@ -31,6 +34,23 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
     return path
+
+
+def write_image(path: str | Path, rgb: "np.ndarray", params: Sequence[int] = ()) -> Path:
+    """An RGB uint8 image written atomically (`write_bytes`) in the format its suffix names;
+    `params`: cv2.imwrite's (e.g. JPEG quality). cv2.imwrite returns False on a failure (a full
+    disk) instead of raising, which went unnoticed (issue 23): here a failure is one
+    MobileInstError naming the file (and the errno), and no half image is left under its name."""
+    import cv2  # here, not at the top: most users of this module write no image
+    path = Path(path)
+    try:
+        ok, encoded = cv2.imencode(path.suffix or ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                                   list(params))
+    except cv2.error:  # an extension OpenCV has no encoder for
+        ok = False
+    if not ok:
+        raise MobileInstError(f"{path}: could not be written: OpenCV cannot encode this format")
+    return write_bytes(path, encoded.tobytes())
 
 
 @contextlib.contextmanager
@@ -285,31 +305,90 @@ def write_new_files(out: str | Path, write: Callable[[Path], Path], exist_ok: bo
 
     A file of `out` that mobileinst did not write (not in the manifest) is never replaced or
     removed: `out` holding any is refused before any work unless `exist_ok`, and with `exist_ok`
-    the files are moved only when none would replace one (else refused, nothing moved)."""
+    the files are moved only when none would replace one (else refused, nothing moved). `out` is
+    locked meanwhile (`folder_lock`): a second command writing into it is refused."""
     out = Path(out)
-    owned = written_files(out)
-    foreign = next(_foreign_files(out, owned), None)
-    if foreign is not None and not exist_ok:
-        raise MobileInstError(f"{out}: the {what} holds files mobileinst did not write (e.g. "
-                              f"{foreign}); choose a new or empty folder, or add --exist-ok to "
-                              "write beside them (they are never replaced)")
-    out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=_STAGE_PREFIX, dir=out))
-    try:
-        result = write(stage)
-        new = sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if not p.is_dir())
-        clash = [n for n in new if os.path.lexists(out / n) and (n not in owned or (out / n).is_dir())]
-        if clash:
-            raise MobileInstError(f"{out / clash[0]}: not written by mobileinst, and this command "
-                                  f"would replace it ({len(clash)} such file(s)); nothing was "
-                                  "written: choose another folder")
-        write_json(out / WRITTEN_MANIFEST, sorted(owned | set(new)))
-        for name in new:
-            (out / name).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(stage / name, out / name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)  # our own staging folder only
+    out.mkdir(parents=True, exist_ok=True)  # refusals below need an existing folder anyway
+    with folder_lock(out, what):
+        if not exist_ok:
+            refuse_foreign_files(out, what, ", or add --exist-ok to write beside them (they are "
+                                 "never replaced)")
+        stage = Path(tempfile.mkdtemp(prefix=_STAGE_PREFIX, dir=out))
+        try:
+            result = write(stage)
+            new = sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if not p.is_dir())
+            claim_files(out, new, what)
+            for name in new:
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(stage / name, out / name)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)  # our own staging folder only
     return out / result.relative_to(stage)
+
+
+def refuse_foreign_files(out: Path, what: str, hint: str = "") -> None:
+    """MobileInstError naming one file under `out` that mobileinst did not write (not in its
+    WRITTEN_MANIFEST); `hint` ends the message (the verb's way around it)."""
+    foreign = next(_foreign_files(out, written_files(out)), None)
+    if foreign is not None:
+        raise MobileInstError(f"{out}: the {what} holds files mobileinst did not write (e.g. "
+                              f"{foreign}); choose a new or empty folder{hint}")
+
+
+def claim_files(out: Path, names: list[str], what: str) -> None:
+    """Record `names` (paths relative to `out`) in `out`/WRITTEN_MANIFEST before a command writes
+    them; MobileInstError, nothing recorded, when one exists and mobileinst did not write it (or
+    it is now a folder): writing would replace a user's file. Hold `folder_lock(out)` around it
+    and the writes. The manifest is rewritten only when it gains names (a rerun writes nothing
+    more, so a full disk fails on the outputs themselves, each named)."""
+    owned = written_files(out)
+    clash = [n for n in names if os.path.lexists(out / n) and (n not in owned or (out / n).is_dir())]
+    if clash:
+        raise MobileInstError(f"{out / clash[0]}: not written by mobileinst, and this command "
+                              f"would replace it ({len(clash)} such file(s)); nothing was "
+                              "written: choose another folder")
+    _record(out, owned, names)
+
+
+def _record(out: Path, owned: set[str], names: list[str]) -> None:
+    """`names` added to `out`'s manifest (which held `owned`); no write when none is new."""
+    if not owned.issuperset(names):
+        write_json(out / WRITTEN_MANIFEST, sorted(owned | set(names)))
+
+
+def _record_new_files(out: Path) -> None:
+    """Every file under `out` recorded as mobileinst's (`owned_folder`'s end)."""
+    owned = written_files(out)
+    _record(out, owned, list(_foreign_files(out, owned)))
+
+
+@contextlib.contextmanager
+def claimed_files(out: Path, names: list[str], what: str) -> Iterator[Path]:
+    """`out` created and locked (`folder_lock`) while the block writes `names` (relative paths)
+    into it, each claimed first (`claim_files`: a user's file of that name is refused before any
+    work, never replaced). For a command whose output names are known up front (`track`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, what):
+        claim_files(out, names, what)
+        yield out
+
+
+@contextlib.contextmanager
+def owned_folder(out: Path, what: str) -> Iterator[Path]:
+    """For a command whose output names are not known up front (`benchmark --out`): `out` is
+    created and locked (`folder_lock`), refused when it holds files mobileinst did not write,
+    and every file in it when the block ends (also by an error) is recorded as mobileinst's, so a
+    rerun may replace them. Its writes must be atomic (a kill leaves no half file)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, what):
+        refuse_foreign_files(out, what)
+        try:
+            yield out
+        except BaseException:
+            with contextlib.suppress(MobileInstError):  # the block's own error says more
+                _record_new_files(out)
+            raise
+        _record_new_files(out)
 
 
 def written_files(folder: Path) -> set[str]:

@@ -8,8 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .errors import MobileInstError
-from .utils import atomic_path, write_bytes
+from .utils import atomic_path, write_image
 
 
 def color(i: int) -> tuple[int, int, int]:
@@ -77,11 +76,8 @@ def _caption(img: np.ndarray, text: str, xy: tuple[int, int], c: tuple[int, int,
 
 
 def save_rgb(path: str | Path, image: np.ndarray) -> None:
-    """An RGB image written atomically (`utils.write_bytes`: a failed write names the file)."""
-    ok, encoded = cv2.imencode(Path(path).suffix or ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise MobileInstError(f"{path}: could not be written: OpenCV cannot encode this format")
-    write_bytes(path, encoded.tobytes())
+    """An RGB image written atomically (`utils.write_image`: a failed write names the file)."""
+    write_image(path, image)
 
 
 def plot_curves(results_csv: str | Path, out_dir: str | Path) -> list[Path]:

@@ -42,7 +42,7 @@ def pseudo_ground_truth(ckpt: Path, data: Path, conf: float = 0.3, per_image: in
 
     from mobileinst.data.coco import CocoInstances
     from mobileinst.data.config import load_data_config
-    from mobileinst.evaluate.coco_eval import encode_mask
+    from mobileinst.data.rle import encode_mask
     cfg = load_data_config(data)
     gt = json.loads(cfg.val.json.read_text())
     cat_ids = CocoInstances(cfg.val.json, cfg.val.images).cat_ids
@@ -162,7 +162,7 @@ def test_install_hint(monkeypatch):
 def _record(image_id, cat, score, box):
     import numpy as np
 
-    from mobileinst.evaluate.coco_eval import encode_mask
+    from mobileinst.data.rle import encode_mask
     m = np.zeros((40, 40), bool)
     y0, x0, y1, x1 = box
     m[y0:y1, x0:x1] = True

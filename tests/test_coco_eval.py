@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from mobileinst.data.rle import encode_mask
 from mobileinst.errors import DataError, MobileInstError
-from mobileinst.evaluate.coco_eval import (STAT_NAMES, encode_mask, evaluate_coco,
-                                           instances_to_coco_json)
+from mobileinst.evaluate.coco_eval import STAT_NAMES, evaluate_coco, instances_to_coco_json
 
 H, W = 120, 128
 CATS = [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]  # non-contiguous ids
@@ -255,7 +255,7 @@ def test_a_compressed_rle_that_does_not_cover_the_image_is_refused(counts):
     """pycocotools decodes '' or '000...' into garbage memory (a 10x10 mask summing to thousands):
     a results file's compressed RLE must cover its image exactly."""
     from mobileinst.errors import DataError
-    from mobileinst.evaluate.coco_eval import encode_mask, segmentation_to_rle
+    from mobileinst.evaluate.coco_eval import segmentation_to_rle
     with pytest.raises(DataError, match="det 3"):
         segmentation_to_rle({"size": [10, 10], "counts": counts}, 10, 10, "det 3")
     good = encode_mask(np.eye(10, dtype=bool))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from mobileinst import build_model
 from mobileinst.errors import CheckpointError
-from mobileinst.export.fuse import fuse_conv_bn
+from mobileinst.infer.fuse import fuse_conv_bn
 from mobileinst.models import pretrained
 from mobileinst.models.efficientnet_lite import SamePad2d, efficientnet_lite
 from mobileinst.models.mobileinst import PIXEL_MEAN, PIXEL_STD

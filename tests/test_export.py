@@ -20,7 +20,7 @@ from mobileinst import build_model, list_models
 from mobileinst.checkpoint import save_checkpoint
 from mobileinst.errors import CheckpointError, MobileInstError
 from mobileinst.export.command import add_parser
-from mobileinst.export.fuse import fuse_conv_bn, is_fused
+from mobileinst.infer.fuse import fuse_conv_bn, is_fused
 from mobileinst.export.onnx import example_images, export_onnx, read_metadata
 from mobileinst.export.quantize import quantize_int8
 from mobileinst.infer.factory import load_predictor

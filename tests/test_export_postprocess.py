@@ -203,8 +203,9 @@ def test_predictor_decodes_dynamic_k(models):
 def exports(models, tmp_path_factory):
     """MobileNetV2 (pooled term), dynamic, uint8: the new graph at conf 0.3 and without conf,
     and the old graph (OldExportGraph through the same exporter)."""
-    from mobileinst.export.fuse import fuse_conv_bn
-    from mobileinst.export.onnx import POSTPROCESS_OUTPUTS, _torch_export, example_images, to_input
+    from mobileinst.infer.fuse import fuse_conv_bn
+    from mobileinst.infer.onnx_graph import _torch_export, example_images, to_input
+    from mobileinst.models.model_info import POSTPROCESS_OUTPUTS
     d = tmp_path_factory.mktemp("pp")
     model = models["pooled"]
     out = {"conf": export_onnx(model, d / "new03.onnx", imgsz=(320, 320), dynamic=True,
@@ -220,7 +221,7 @@ def exports(models, tmp_path_factory):
 
 
 def run_onnx(path, images: np.ndarray) -> list[np.ndarray]:
-    from mobileinst.export.onnx import run_proto
+    from mobileinst.infer.onnx_graph import run_proto
     got = run_proto(onnx.load(str(path)), images.transpose(0, 3, 1, 2).copy())
     return [got[k] for k in ("labels", "scores", "masks", "kernels")]
 

@@ -327,3 +327,91 @@ def test_num_instances_is_averaged_over_workers(tmp_path):
     mp.spawn(_count_worker, args=(str(tmp_path / "pg"), str(tmp_path / "n")), nprocs=2, join=True)
     # (3 + 0) / 2 workers = 1.5 on both ranks (the DETR recipe); rank 1 alone would have clamped to 1
     assert [float(open(tmp_path / f"n.{r}").read()) for r in (0, 1)] == [1.5, 1.5]
+
+
+def test_mask_losses_on_a_finer_grid_score_the_upsampled_probabilities():
+    # a 2x2 prediction upsampled x2 (bilinear, align_corners=False) has known values: the corners of
+    # [[1, 0], [0, 0]] become [[1, .75, .25, 0], [.75, .5625, .1875, 0], ...]; scored against a 4x4 target
+    p = torch.tensor([[0.98, 0.02], [0.02, 0.02]])
+    pred = torch.logit(p).view(1, 1, 2, 2)
+    obj = torch.zeros(1, 1, 1)
+    tgt = torch.zeros(1, 4, 4)
+    tgt[0, :2, :2] = 1
+    up = torch.nn.functional.interpolate(p[None, None], scale_factor=2.0, mode="bilinear", align_corners=False)
+    up = up.flatten()
+    losses = MobileInstCriterion.mask_losses(pred, obj, [tgt], [(torch.tensor([0]), torch.tensor([0]))], 1.0,
+                                             upsample=2)
+    t = tgt.flatten()
+    dice = 2 * (up * t).sum() / ((up * up).sum() + (t * t).sum() + 1e-4)
+    bce = -(t * up.log() + (1 - t) * (1 - up).log()).mean()
+    assert losses["loss_dice"].item() == pytest.approx(1 - dice.item(), rel=1e-5)
+    assert losses["loss_mask"].item() == pytest.approx(bce.item(), rel=1e-5)
+
+
+def test_a_finer_loss_grid_fits_a_small_object_more_closely():
+    """A free 8x8 logit map fitted to a 32x32 disc (radius 5, off the coarse grid) by the stride-4
+    losses and by the stride-1 ones; inference upsamples the probabilities x4 and binarises > 0.45.
+    The fine-grid fit must reach a higher IoU with the disc: that is what the option is for."""
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    disc = (((yy - 13.5) ** 2 + (xx - 17.5) ** 2) <= 25).to(torch.uint8)[None]  # (1, 32, 32)
+    targets = [{"labels": torch.tensor([0]), "masks": disc}]
+
+    def fitted_iou(stride: int) -> float:
+        torch.manual_seed(0)
+        masks = torch.zeros(1, 1, 8, 8, requires_grad=True)
+        criterion = MobileInstCriterion(num_classes=1, mask_loss_stride=stride)
+        opt = torch.optim.Adam([masks], lr=0.1)
+        for _ in range(300):
+            out = {"pred_logits": torch.zeros(1, 1, 1), "pred_scores": torch.zeros(1, 1, 1), "pred_masks": masks}
+            opt.zero_grad()
+            criterion(out, targets)["loss"].backward()
+            opt.step()
+        up = torch.nn.functional.interpolate(masks.detach().sigmoid(), scale_factor=4.0, mode="bilinear",
+                                             align_corners=False)[0, 0] > 0.45
+        d = disc[0].bool()
+        return ((up & d).sum() / (up | d).sum()).item()
+
+    coarse, fine = fitted_iou(4), fitted_iou(1)
+    assert fine > coarse + 0.03, (coarse, fine)
+
+
+def test_mask_loss_stride_must_divide_the_prediction_stride():
+    with pytest.raises(ValueError, match="mask_loss_stride"):
+        MobileInstCriterion(num_classes=1, mask_loss_stride=3)
+
+
+def test_ia_bce_targets_the_mask_quality_of_the_matched_entry():
+    # 1 image, 2 queries x 2 classes; query 1 matched to a GT of class 0 whose mask IoU is 0.5
+    probs = [[0.3, 0.6], [0.8, 0.1]]
+    logits = torch.tensor([[[logit(p) for p in row] for row in probs]])  # (1, 2, 2)
+    targets = [{"labels": torch.tensor([0])}]
+    got = MobileInstCriterion.ia_bce_loss(logits, targets, [(torch.tensor([1]), torch.tensor([0]))],
+                                          torch.tensor([0.5])).item()
+    t = 0.8 ** 0.25 * 0.5 ** 0.75
+    expected = (-(t * math.log(0.8) + (1 - t) * math.log(0.2))  # the matched entry: soft BCE
+                + sum(-p ** 2 * math.log(1 - p) for p in (0.3, 0.6, 0.1)))  # negatives, weight p^2
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_ia_bce_ranks_the_better_mask_higher():
+    """Two queries on the same object with the same class logit: trained with ia_bce, the one whose
+    mask fits better ends with the higher class score; with the focal loss only the matched one
+    rises, whatever its mask."""
+    torch.manual_seed(0)
+    logits = torch.zeros(1, 2, 1, requires_grad=True)
+    opt = torch.optim.SGD([logits], lr=1.0)
+    for step in range(200):  # the matcher alternates which query is matched; IoUs 0.9 and 0.3
+        q = step % 2
+        iou = torch.tensor([0.9 if q == 0 else 0.3])
+        loss = MobileInstCriterion.ia_bce_loss(logits, [{"labels": torch.tensor([0])}],
+                                               [(torch.tensor([q]), torch.tensor([0]))], iou)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    p = logits.detach().sigmoid().flatten()
+    assert p[0] > p[1] + 0.1, p
+
+
+def test_cls_loss_option_is_checked():
+    with pytest.raises(ValueError, match="cls_loss"):
+        MobileInstCriterion(num_classes=1, cls_loss="softmax")

@@ -5,7 +5,7 @@ import torch
 from mobileinst import build_model, list_models
 from mobileinst.cli import main
 from mobileinst.errors import MobileInstError
-from mobileinst.registry import get_config
+from mobileinst.models.registry import get_config
 
 ALL = list_models()
 

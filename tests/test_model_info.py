@@ -9,7 +9,7 @@ import pytest
 
 from mobileinst.models.model_info import FORMAT_VERSION, ModelInfo, graph_kind
 from mobileinst.models.postprocess import InferenceConfig
-from mobileinst.registry import get_config
+from mobileinst.models.registry import get_config
 
 BASE = ModelInfo.for_model(get_config("mobileinst-topformer-t"), imgsz=320, source="m.onnx")
 NAMED = ModelInfo.for_model(get_config("mobileinst-mobilenetv2"), [f"c{i}" for i in range(80)],

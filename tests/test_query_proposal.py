@@ -212,7 +212,7 @@ class ProposalGraph(torch.nn.Module):
 
 
 def export(graph: torch.nn.Module, dynamo: bool):
-    """Both exporters of mobileinst/export/onnx.py (dynamo with dynamic_shapes, TorchScript with
+    """Both exporters of mobileinst/infer/onnx_graph.py (dynamo with dynamic_shapes, TorchScript with
     dynamic_axes), with dynamic batch, height and width."""
     import onnx
     x = torch.randn(2, D, 6, 5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import math
 
 import numpy as np
 import pytest
@@ -20,8 +21,9 @@ from mobileinst import build_model
 from mobileinst.checkpoint import load_checkpoint
 from mobileinst.data.synthetic import make_synthetic_coco
 from mobileinst.errors import MobileInstError
-from mobileinst.export.onnx import export_onnx, run_proto
-from mobileinst.registry import get_config
+from mobileinst.export.onnx import export_onnx
+from mobileinst.infer.onnx_graph import run_proto
+from mobileinst.models.registry import get_config
 from mobileinst.train.config import TrainConfig
 from mobileinst.train.engine import Trainer
 from mobileinst.train.schedule import lr_factor
@@ -128,6 +130,20 @@ def test_every_loss_term_is_logged_every_log_interval(data, tmp_path):
     assert (tmp_path / "run" / "loss.png").stat().st_size > 0
 
 
+def test_loss_options_train_and_are_checked(data, tmp_path):
+    cfg = TrainConfig(data=str(data), out_dir=str(tmp_path / "run"), iters=2, log_interval=1,
+                      eval_interval=1000, cls_loss="ia_bce", mask_loss_stride=2, **TINY)
+    trainer = Trainer(cfg)
+    trainer.train()
+    trainer.lock.release()
+    rows = list(csv.DictReader(open(tmp_path / "run" / "results.csv")))
+    assert all(math.isfinite(float(r[k])) and float(r[k]) > 0 for r in rows
+               for k in ("loss_cls", "loss_dice", "loss_mask", "loss_obj"))
+    for bad, match in ((dict(cls_loss="softmax"), "cls_loss"), (dict(mask_loss_stride=3), "mask_loss_stride")):
+        with pytest.raises(MobileInstError, match=match):
+            TrainConfig.from_dict({"data": str(data), **bad})
+
+
 # -- frozen stages -------------------------------------------------------------------------------
 def test_freeze_at_fixes_the_first_levels(data, tmp_path):
     cfg = TrainConfig(data=str(data), out_dir=str(tmp_path / "run"), iters=2, freeze_at=3, **TINY)
@@ -139,7 +155,7 @@ def test_freeze_at_fixes_the_first_levels(data, tmp_path):
     frozen = [k for k in before if k.split(".")[1].isdigit() and int(k.split(".")[1]) < 7]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)  # weights and BN stats
     assert not torch.equal(before["features.7.conv.0.0.weight"], after["features.7.conv.0.0.weight"])
-    with pytest.raises(MobileInstError, match="cannot freeze"):
+    with pytest.raises(MobileInstError, match="cannot freeze stages .efficientnet-lite0 and mobilenetv2 can"):
         Trainer(TrainConfig(data=str(data), out_dir=str(tmp_path / "t"), iters=1, freeze_at=2,
                             **{**TINY, "model": "mobileinst-topformer-t"}))
 

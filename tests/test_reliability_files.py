@@ -215,7 +215,7 @@ def umask(mask: int):
 def save_tiny_onnx(path: Path) -> None:
     """An Identity graph written by the exporter's atomic save."""
     helper, tensor = pytest.importorskip("onnx.helper"), pytest.importorskip("onnx").TensorProto
-    from mobileinst.export.onnx import save_atomic
+    from mobileinst.infer.onnx_graph import save_atomic
     io = [helper.make_tensor_value_info(n, tensor.FLOAT, [1]) for n in ("x", "y")]
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", io[:1], io[1:])
     save_atomic(helper.make_model(graph), path)

@@ -163,6 +163,8 @@ def test_track_on_a_full_disk_is_one_line_and_keeps_the_earlier_files(noise_clip
     out.mkdir()
     for name in ("frames.mp4", "results.json", "summary.json"):
         (out / name).write_bytes(b"an earlier run's " + name.encode())
+    # an earlier track's files, as it recorded them (another's would be refused, never replaced)
+    (out / ".mobileinst-files.json").write_text('["frames.mp4", "results.json", "summary.json"]')
     monkeypatch.setattr(cv2, "VideoWriter", SilentWriter)
     request.getfixturevalue("full_disk")  # the probe write and the json files: ENOSPC
     assert main(["track", "--weights", str(weights), "--source", str(frames), "--out-dir", str(out),
@@ -174,7 +176,8 @@ def test_track_on_a_full_disk_is_one_line_and_keeps_the_earlier_files(noise_clip
                         f"{out / 'summary.json'}")
     for name in ("frames.mp4", "results.json", "summary.json"):
         assert (out / name).read_bytes() == b"an earlier run's " + name.encode()
-    assert sorted(p.name for p in out.iterdir()) == ["frames.mp4", "results.json", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".mobileinst-files.json", "frames.mp4",
+                                                     "results.json", "summary.json"]
 
 
 def test_an_mp4_cut_short_is_never_put_in_place(tmp_path, monkeypatch):
@@ -218,6 +221,7 @@ def test_an_mp4_cut_short_is_never_put_in_place(tmp_path, monkeypatch):
 FULL_TMPFS = """
 mount -t tmpfs -o size=64k none "$OUT" || exit 77
 printf 'an earlier mp4' > "$OUT/frames.mp4"
+printf '["frames.mp4"]' > "$OUT/.mobileinst-files.json"  # an earlier track's (utils.claim_files)
 "$PY" -m mobileinst.cli track --weights "$W" --source "$SRC" --out-dir "$OUT" --imgsz 64 2> "$LOG/err"
 echo $? > "$LOG/rc"
 ls -a "$OUT" > "$LOG/ls"
@@ -247,4 +251,5 @@ def test_track_on_a_really_full_disk(noise_clip, tmp_path):
     assert lines == [f"mobileinst track: error: {out / 'frames.mp4'}: could not be written: "
                      "No space left on device (ENOSPC)"], lines
     assert (log / "frames.mp4").read_bytes() == b"an earlier mp4"
-    assert (log / "ls").read_text().split() == [".", "..", "frames.mp4", "results.json", "summary.json"]
+    assert (log / "ls").read_text().split() == [".", "..", ".mobileinst-files.json", "frames.mp4",
+                                                "results.json", "summary.json"]

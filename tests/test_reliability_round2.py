@@ -37,7 +37,7 @@ def one_line_error(capsys, *words: str) -> str:
 
 def save_tiny_onnx(path: Path) -> None:
     helper, tensor = pytest.importorskip("onnx.helper"), pytest.importorskip("onnx").TensorProto
-    from mobileinst.export.onnx import save_atomic
+    from mobileinst.infer.onnx_graph import save_atomic
     io_ = [helper.make_tensor_value_info(n, tensor.FLOAT, [1]) for n in ("x", "y")]
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", io_[:1], io_[1:])
     save_atomic(helper.make_model(graph), path)

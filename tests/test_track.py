@@ -19,8 +19,8 @@ from mobileinst.evaluate.ytvis_eval import evaluate_ytvis
 from mobileinst.models.postprocess import upsample_masks
 from mobileinst.infer.preprocess import preprocess
 from mobileinst.infer.video import VideoPredictor
-from mobileinst.track import Tracker, TrackerConfig, match_kernels
-from mobileinst.track.results import TrackResults
+from mobileinst.infer.tracker import Tracker, TrackerConfig, match_kernels
+from mobileinst.infer.video_results import TrackResults
 from mobileinst.track.run import track_source
 
 
@@ -263,7 +263,7 @@ def test_benchmark_id_switch_count():
         "track_eval", Path(__file__).resolve().parents[1] / "benchmarks" / "track_eval.py")
     te = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(te)
-    from mobileinst.evaluate.coco_eval import encode_mask
+    from mobileinst.data.rle import encode_mask
     box = np.zeros((8, 8), bool)
     box[2:6, 2:6] = True
     other = np.zeros((8, 8), bool)

@@ -17,7 +17,7 @@ from mobileinst.data.synthetic_video import make_synthetic_ytvis
 from mobileinst.errors import MobileInstError
 from mobileinst.infer.preprocess import preprocess
 from mobileinst.infer.video import TorchVideoNet, VideoPredictor
-from mobileinst.track import match_kernels
+from mobileinst.infer.tracker import match_kernels
 from mobileinst.track.association_np import association_cost, match_kernels_np
 from mobileinst.track.video_io import open_frames
 

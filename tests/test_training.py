@@ -52,7 +52,7 @@ def test_ground_truth_as_predictions_scores_ap_1(data):
     anns = json.loads(gt.read_text())["annotations"]
     from pycocotools.coco import COCO
     coco = COCO(str(gt))
-    from mobileinst.evaluate.coco_eval import encode_mask
+    from mobileinst.data.rle import encode_mask
     results = [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 1.0,
                 "segmentation": encode_mask(coco.annToMask(a))} for a in anns]
     m = evaluate_coco(gt, results)

@@ -36,7 +36,7 @@ from mobileinst import build_model
 from mobileinst.data.synthetic_video import make_synthetic_ytvis
 from mobileinst.infer.preprocess import preprocess, prepare
 from mobileinst.infer.video import RAW_KEYS, TorchVideoNet, VideoPredictor
-from mobileinst.track.tracker import Tracker
+from mobileinst.infer.tracker import Tracker
 from mobileinst.track.video_io import open_frames
 
 ROOT = Path(__file__).resolve().parents[1]

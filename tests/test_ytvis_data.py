@@ -12,8 +12,9 @@ from mobileinst.data.config import load_data_config
 from mobileinst.data.synthetic_video import make_synthetic_ytvis
 from mobileinst.data.transforms import TrainTransform
 from mobileinst.data.ytvis import YtvisClips, collate_clips
+from mobileinst.data.ytvis_json import validate_ytvis
 from mobileinst.errors import DataError
-from mobileinst.evaluate.ytvis_eval import evaluate_ytvis, load_ytvis_json, validate_ytvis
+from mobileinst.evaluate.ytvis_eval import evaluate_ytvis, load_ytvis_json
 
 
 @pytest.fixture(scope="module")

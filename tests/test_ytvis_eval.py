@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from mobileinst.data.rle import encode_mask
+from mobileinst.data.ytvis_json import validate_ytvis
 from mobileinst.errors import DataError
-from mobileinst.evaluate.coco_eval import STAT_NAMES, encode_mask
-from mobileinst.evaluate.ytvis_eval import (YTVISeval, evaluate_ytvis, load_ytvis_json, track_iou,
-                                            validate_ytvis)
+from mobileinst.evaluate.coco_eval import STAT_NAMES
+from mobileinst.evaluate.ytvis_eval import YTVISeval, evaluate_ytvis, load_ytvis_json, track_iou
 
 CATS = [{"id": 3, "name": "person"}, {"id": 7, "name": "zebra"}]
 

@@ -29,6 +29,8 @@ import numpy as np
 import yaml
 from pycocotools import mask as mask_utils
 
+from ..utils import write_image
+
 CLASSES = ["circle", "square", "triangle", "ring"]
 MIN_VISIBLE = 0.5  # an earlier object keeps at least this fraction of its area visible
 MIN_PIXELS = 64  # smaller visible parts are not annotated (they do not happen with the defaults)
@@ -39,6 +41,7 @@ MIN_PIXELS = 64  # smaller visible parts are not annotated (they do not happen w
 # `benchmarks/demo_sweep.py --max-objects 6 --object-size 0.2 0.45` trains on the previous set.
 OBJECT_SIZE = (0.3, 0.55)
 MAX_OBJECTS = 3
+JPEG_Q95 = (cv2.IMWRITE_JPEG_QUALITY, 95)  # the synthetic sets' JPEG quality
 
 
 # -- drawing ---------------------------------------------------------------------------------------
@@ -199,10 +202,11 @@ def write_split(root: Path, split: str, n: int, seed: int, size_range: tuple[int
 
 
 def save_image(folder: Path, split: str, i: int, img: np.ndarray) -> str:
-    """Write RGB image i of a split as JPEG (every fifth as PNG) into folder; return its file name."""
+    """Write RGB image i of a split as JPEG (every fifth as PNG) into folder; return its file name
+    (a failed write is a MobileInstError naming the file: the json is written after its images,
+    so it never names one that was not written)."""
     name = f"{split}_{i:05d}.png" if i % 5 == 4 else f"{split}_{i:05d}.jpg"
-    params = [cv2.IMWRITE_JPEG_QUALITY, 95] if name.endswith(".jpg") else []
-    cv2.imwrite(str(folder / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), params)
+    write_image(folder / name, img, JPEG_Q95 if name.endswith(".jpg") else ())  # checked: issue 23
     return name
 
 

@@ -22,12 +22,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import yaml
 from pycocotools import mask as mask_utils
 
-from .synthetic import (CLASSES, MIN_PIXELS, background_colour, class_colour, rasterise,
+from ..utils import write_image
+from .synthetic import (CLASSES, JPEG_Q95, MIN_PIXELS, background_colour, class_colour, rasterise,
                         shape_polygons, texture, uncompressed_rle)
 
 SIZES = ((240, 320), (256, 352), (288, 384))  # (h, w) of the clips
@@ -129,8 +129,7 @@ def write_split(root: Path, split: str, n: int, seed: int, length: int, max_obje
         folder = root / split / "JPEGImages" / name
         folder.mkdir(parents=True, exist_ok=True)
         for t, f in enumerate(frames):
-            cv2.imwrite(str(folder / f"{t:05d}.jpg"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR),
-                        [cv2.IMWRITE_JPEG_QUALITY, 95])
+            write_image(folder / f"{t:05d}.jpg", f, JPEG_Q95)  # a failure names the file
         videos.append({"id": i + 1, "width": w, "height": h, "length": length,
                        "file_names": [f"{name}/{t:05d}.jpg" for t in range(length)]})
         for cls, masks in instances:

@@ -2,7 +2,7 @@
 
 Layout: `videos` [{id, width, height, length, file_names}], `annotations` [{id, video_id,
 category_id, segmentations: one polygon / RLE / null per frame, iscrowd}], `categories`. The json
-is checked up front (`evaluate.ytvis_eval.validate_ytvis`: missing keys, unknown ids, wrong number
+is checked up front (`ytvis_json.validate_ytvis`: missing keys, unknown ids, wrong number
 of segmentations; then `validate.py`'s checks of categories, frame sizes and file names, iscrowd and
 every frame's segmentation, RLE runs decoded) and every problem names the file (DataError). null,
 empty and degenerate segmentations mean "not in this frame"; crowd annotations are not targets.
@@ -31,12 +31,12 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from ..evaluate.ytvis_eval import validate_ytvis, video_name
 from .coco import Transform, decode_segmentation, is_degenerate, read_json, read_rgb
 from .loader import collate
 from .transforms import nonempty
 from .validate import (UnreadableImages, check_categories, check_iscrowd, check_segmentation, entry,
                        fail, file_name_problem, image_size_problem)
+from .ytvis_json import validate_ytvis, video_name
 
 log = logging.getLogger("mobileinst.data")
 

@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable
 
-import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from ..data.rle import encode_mask
 from ..data.validate import (check_annotation, check_categories, check_images, check_segmentation,
                              rle_string_counts)
 from ..errors import DataError, MobileInstError
@@ -36,30 +36,6 @@ BACKENDS = ("auto", "pycocotools", "faster")
 
 
 # -- encoding -----------------------------------------------------------------------------------
-def encode_mask(mask: np.ndarray) -> dict:
-    """(H, W) bool mask (nonzero = foreground) -> COCO compressed RLE with ``counts`` as str.
-
-    Byte-identical to detectron2's ``mask_util.encode(np.array(mask[:, :, None], order="F",
-    dtype="uint8"))[0]`` followed by ``counts.decode("utf-8")``.
-    """
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"encode_mask expects an (H, W) mask, got shape {mask.shape}")
-    rle = mask_utils.encode(fortran_uint8(mask))
-    rle["counts"] = rle["counts"].decode("utf-8")
-    return rle
-
-
-def fortran_uint8(mask: np.ndarray) -> np.ndarray:
-    """(H, W) mask -> the same 0/1 mask as a column-major uint8 array (what pycocotools encodes).
-    OpenCV's blocked transpose makes it: numpy's element-wise Fortran copy of a 6000 x 6000 mask
-    took ~140 ms, 18x longer, most of val's time on huge photos."""
-    fg = np.ascontiguousarray(mask if mask.dtype == bool else mask != 0)
-    if fg.size == 0:
-        return np.asfortranarray(fg, dtype=np.uint8)
-    return cv2.transpose(fg.view(np.uint8)).T
-
-
 def instances_to_coco_json(image_id: int, labels: Iterable, scores: Iterable, masks: Iterable,
                            cat_ids: list[int]) -> list[dict]:
     """One image's instances -> COCO results records; contiguous label ``l`` -> ``cat_ids[l]``."""
@@ -413,5 +389,5 @@ def evaluate_coco(gt, results, *, backend: str = "auto", boundary: bool = False,
     return metrics
 
 
-__all__ = ["APMetrics", "CocoMetrics", "STAT_NAMES", "encode_mask", "evaluate_coco",
+__all__ = ["APMetrics", "CocoMetrics", "STAT_NAMES", "evaluate_coco",
            "instances_to_coco_json", "per_category_ap", "read_json", "segmentation_to_rle"]

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from .. import dist
 from ..data.coco import CocoInstances, read_rgb
 from ..data.config import load_data_config
 from ..data.loader import collate
@@ -23,11 +24,10 @@ from ..infer.predictor import Predictor
 from ..infer.results import result_records
 from ..models.model_info import ModelInfo
 from ..models.postprocess import evaluation_config
-from ..track.evaluate import evaluate_video_model
-from ..train import dist
 from ..utils import (IMGSZ_RANGE, check_memory, check_output_file, check_range, resolve_device,
                      write_json)
 from .coco_eval import CocoMetrics, evaluate_coco, instances_to_coco_json
+from .video import evaluate_video_model
 
 
 @torch.no_grad()
@@ -60,7 +60,7 @@ def evaluate_model(model: torch.nn.Module, dataset, batch_size: int = 4, workers
                    device: torch.device | str = "cpu", results_path: str | None = None
                    ) -> CocoMetrics | None:
     """Mask AP of `model` on `dataset` (None on workers other than rank 0); YouTube-VIS video
-    mask AP when `dataset` holds videos (`data.ytvis.YtvisClips`: tracked, track/evaluate.py)."""
+    mask AP when `dataset` holds videos (`data.ytvis.YtvisClips`: tracked, evaluate/video.py)."""
     if getattr(dataset, "is_video", False):
         return evaluate_video_model(model, dataset, device, results_path)
     records = predict_dataset(model, dataset, batch_size, workers, device)

@@ -84,7 +84,7 @@ def load_model(args: argparse.Namespace):
         return model, info, info.imgsz, meta
     from ..infer.model_info import ModelInfo
     from ..models.factory import build_model
-    from ..registry import get_config
+    from ..models.registry import get_config
     get_config(args.model)  # a clear error for an unknown name
     log.warning("exporting %s with random weights (no --weights given)", args.model)
     model = build_model(args.model, num_classes=args.num_classes).eval()

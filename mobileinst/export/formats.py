@@ -37,9 +37,9 @@ from torch import nn
 
 from ..errors import MobileInstError
 from ..utils import write_bytes, write_error, write_json
-from .fuse import fuse_conv_bn
+from ..infer.fuse import fuse_conv_bn
+from ..infer.onnx_graph import ExportGraph, FeaturesGraph
 from ..models.model_info import FEATURES_OUTPUTS, INPUT_NAME, PARTS, RAW_OUTPUTS, ModelInfo, metadata_path
-from .onnx import ExportGraph, FeaturesGraph
 
 log = logging.getLogger("mobileinst.export")
 

@@ -24,10 +24,10 @@ from ..data.coco import read_rgb
 from ..data.config import load_data_config
 from ..data.sources import list_sources
 from ..errors import DataError, MobileInstError
-from ..models.model_info import ModelInfo
+from ..infer.onnx_graph import POSTPROCESS_PREFIX, save_atomic
 from ..infer.ort import open_session
 from ..infer.preprocess import input_arrays
-from .onnx import INPUT_NAME, POSTPROCESS_PREFIX, save_atomic, set_metadata
+from ..models.model_info import INPUT_NAME, ModelInfo, set_metadata
 
 log = logging.getLogger("mobileinst.export")
 

@@ -8,7 +8,7 @@ headers that multi-threaded WASM needs):
 
     index.html, app.js     the page: pick or drop images, masks drawn, confidence slider, timings
     tracker.js, video.js   tracking of camera frames: ports of `track/association_np.py` and
-                           `track/tracker.py` (kernel association, track ids), and of
+                           `infer/tracker.py` (kernel association, track ids), and of
                            `infer/video.py` (kernel reuse, the raw outputs decoded)
     model.onnx             the post-processed graph (`export_onnx(postprocess=True)`: labels,
                            scores, masks at the input size), fixed size, uint8 input; with
@@ -46,10 +46,11 @@ from typing import Any
 
 from .. import __version__
 from ..errors import MobileInstError
-from ..models.model_info import RAW_OUTPUTS, ModelInfo
+from ..infer.onnx_graph import example_images
+from ..models.model_info import RAW_OUTPUTS, ModelInfo, read_metadata
 from ..utils import current_umask, write_json
 from ..viz import color
-from .onnx import example_images, export_onnx, read_metadata
+from .onnx import export_onnx
 from .quantize import quantize_int8
 
 log = logging.getLogger("mobileinst.export")

@@ -15,12 +15,16 @@
 - ort.py: the onnxruntime backend, and the base of the exported-file backends;
 - runtimes.py: OpenVINO, NCNN, ExecuTorch and LiteRT files in their own packages;
 - factory.py: which backend runs which file (`load_predictor`, cached ONNX exports);
-- video.py: streaming video (kernel reuse + association) over the same backends;
+- onnx_graph.py: the exported modules (`ExportGraph`, `FeaturesGraph`) and `write_onnx`, used by
+  that cache, by video in PyTorch and by every `export` format; fuse.py: Conv-BN folding;
+- video.py: streaming video (kernel reuse + association) over the same backends; tracker.py: the
+  kernel association and track bookkeeping; video_results.py: `TrackedFrame` and its YouTube-VIS
+  records;
 - results.py: `Result` and its COCO records.
 
-Layering: models < checkpoint < data < export graphs < infer < evaluate / track jobs < predict,
-benchmark, CLI. Nothing below imports this package except the int8 calibration
-(`export/quantize.py`, which feeds exactly what prediction feeds: `preprocess.input_arrays`).
+Layering (folders are the layers; tests/test_imports.py `LAYERS`): models (+ checkpoint) < data <
+infer < evaluate < train < track / export jobs < predict, demo, benchmark, serve < CLI, with
+errors, utils, dist and viz below all. Nothing here imports a layer above it.
 """
 from ..models.model_info import InputSpec, ModelInfo
 from .factory import BACKENDS, load_predictor, load_trained

@@ -18,10 +18,10 @@ import torch
 
 from ..checkpoint import model_from_checkpoint
 from ..errors import CheckpointError, MobileInstError
-from ..export.onnx import write_onnx
 from ..models.mobileinst import MobileInst
 from ..utils import file_sha256, resolve_device
 from ..models.model_info import PARTS, ModelInfo, read_metadata
+from .onnx_graph import write_onnx
 from .ort import OnnxPredictor
 from .predictor import Predictor, TorchPredictor
 from .runtimes import RuntimePredictor

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from ..evaluate.coco_eval import encode_mask
+from ..data.rle import encode_mask
 from ..models.model_info import ModelInfo
 
 # Bytes of uint8 intermediates `resize_masks` may hold at once at the original size, and of

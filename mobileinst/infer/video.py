@@ -37,17 +37,17 @@ import torch
 from torch import Tensor
 
 from ..errors import MobileInstError
-from ..export.onnx import ExportGraph, FeaturesGraph
 from ..models.mobileinst import MobileInst
 from ..models.postprocess import binary_masks, class_scores, kernel_mask_logits, maskness
-from ..track.results import TrackedFrame
-from ..track.tracker import Tracker, TrackerConfig
 from .factory import RUNTIME_BACKENDS, VIDEO_BACKENDS, cached_onnx, check_backend, cpu_only, load_trained
 from ..models.model_info import RAW_OUTPUTS, ModelInfo
 from .model_info import Described
+from .onnx_graph import ExportGraph, FeaturesGraph
 from .ort import open_session
 from .preprocess import prediction_sizes, prepare, to_input
 from .runtimes import load_metadata, open_backend
+from .tracker import Tracker, TrackerConfig
+from .video_results import TrackedFrame
 
 RAW_KEYS = tuple(RAW_OUTPUTS)  # logits, objectness, kernels, mask_features: what `VideoNet.key` returns
 
@@ -67,7 +67,7 @@ class VideoNet(Protocol):
 
 class TorchVideoNet:
     """`VideoNet` over a PyTorch MobileInst: the same modules the ONNX graphs are exported from
-    (`export.onnx.ExportGraph`, `FeaturesGraph`), run in PyTorch on `device`."""
+    (`onnx_graph.ExportGraph`, `FeaturesGraph`), run in PyTorch on `device`."""
 
     backend = "torch"
 

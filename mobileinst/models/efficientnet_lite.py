@@ -96,7 +96,7 @@ class MBConvBlock(nn.Sequential):
     depthwise (stride s), BN, ReLU6, 1x1 project, BN; residual iff stride 1 and inp == oup.
 
     An nn.Sequential whose children carry lukemelas' names (`_expand_conv`, `_bn0`, ...), so the keys
-    match the checkpoint and export's Conv-BN fusion (`export/fuse.py`: a BN right after a Conv2d in a
+    match the checkpoint and export's Conv-BN fusion (`infer/fuse.py`: a BN right after a Conv2d in a
     Sequential) folds every BN; `forward` adds the residual. No drop-connect (lukemelas' default 0.2
     is a training regulariser of the ImageNet run, left out as torchvision's MobileNetV2 has none).
     """

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..registry import get_config
+from .registry import get_config
 from .mobileinst import MobileInst
 
 
 def build_model(name: str, num_classes: int = 80, **overrides: Any) -> MobileInst:
-    """Build a freshly initialised MobileInst variant by name (`mobileinst.registry.MODELS`)."""
+    """Build a freshly initialised MobileInst variant by name (`mobileinst.models.registry.MODELS`)."""
     return MobileInst(get_config(name, num_classes=num_classes, **overrides))

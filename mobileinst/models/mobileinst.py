@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..registry import ModelConfig
+from .registry import ModelConfig
 from .backbones import build_backbone
 from .instance_decoder import DualTransformerDecoder
 from .mask_decoder import SemanticEnhancedMaskDecoder, Stride4MaskFeatures

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 
 from .. import __version__
 from ..errors import CheckpointError
-from ..registry import ModelConfig
+from .registry import ModelConfig
 from .mobileinst import PIXEL_MEAN, PIXEL_STD
 from .postprocess import InferenceConfig
 

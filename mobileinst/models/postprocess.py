@@ -6,7 +6,7 @@ score > 0.005, maskness rescoring at 1/4 resolution, upsample the kept masks to 
 crop the image, resize to the original size, binarise > 0.45. No NMS: at most N instances.
 
 One decode for every path: `select_instances` is batched and is what the post-processed ONNX
-graph runs (`mobileinst.export.onnx.PostProcess`); `decode_instances` (evaluation, `predict`,
+graph runs (`mobileinst.infer.onnx_graph.PostProcess`); `decode_instances` (evaluation, `predict`,
 `val` on every backend) and `postprocess_image` are that function on one image, followed by
 `binary_masks` at the original size.
 

@@ -16,6 +16,10 @@ exception or Ctrl-C mid-video leaves valid files covering the frames finished (s
 `complete: false`). A hard kill (SIGKILL) cannot be caught: nothing is written then (the mp4's
 temporary `.NAME.mp4.*.tmp.mp4` stays). A file that cannot be written (a full disk) is one line
 naming it and the reason; files of an earlier run in out_dir are replaced only by whole files.
+
+out_dir may be the user's (issue 23): it is locked while a track writes there (a second track
+into it is refused) and the names above are claimed in its manifest before the model is loaded
+(`utils.claimed_files`): one that exists and mobileinst did not write is refused, never replaced.
 """
 from __future__ import annotations
 
@@ -27,11 +31,12 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import MobileInstError
-from ..utils import IMGSZ_RANGE, check_output_dir, check_range, resolve_device, write_json
+from ..utils import (IMGSZ_RANGE, check_output_dir, check_range, claimed_files, resolve_device,
+                     write_json)
 from ..viz import color, draw_instances
 from ..infer.video import TrackedFrame, VideoPredictor
-from .results import TrackResults
-from .video_io import Mp4Writer, open_frames
+from ..infer.video_results import TrackResults
+from .video_io import FrameSource, Mp4Writer, open_frames
 
 
 def overlay(image: np.ndarray, out: TrackedFrame) -> np.ndarray:
@@ -56,22 +61,34 @@ def track_source(weights: str | Path | VideoPredictor, source: str | Path, out_d
     check_range("--threads", threads, 1, 1024)
     if not isinstance(weights, VideoPredictor):
         device = str(resolve_device(device))
-    check_output_dir(out_dir, "track output folder (--out-dir)")
-    frames = open_frames(source)  # a bad source fails before the model is loaded
-    if isinstance(weights, VideoPredictor):
-        vp = weights
-        vp.reset()
-    else:
-        kwargs = {"imgsz": imgsz} if imgsz else {}
-        vp = VideoPredictor.from_weights(weights, backend, device=device, threads=threads,
-                                         features=features, reuse=reuse, conf=conf,
-                                         patience=patience, **kwargs)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out_dir, OUT_DIR)
+    with open_frames(source) as frames, claimed_files(  # a bad source fails before the model loads
+            Path(out_dir), output_names(frames.name, save_video), OUT_DIR) as out:
+        if isinstance(weights, VideoPredictor):
+            vp = weights
+            vp.reset()
+        else:
+            vp = VideoPredictor.from_weights(weights, backend, device=device, threads=threads,
+                                             features=features, reuse=reuse, conf=conf,
+                                             patience=patience, **({"imgsz": imgsz} if imgsz else {}))
+        return _track(vp, frames, out, video_id, save_video, progress)
+
+
+OUT_DIR = "track output folder (--out-dir)"
+
+
+def output_names(name: str, save_video: bool) -> list[str]:
+    """What a track of the source `name` writes into its out_dir."""
+    return [f"{name}.mp4"] * save_video + ["results.json", "summary.json"]
+
+
+def _track(vp: VideoPredictor, frames: FrameSource, out: Path, video_id: int, save_video: bool,
+           progress: bool) -> dict:
+    """track_source's loop once its options are checked and `out` is locked and claimed."""
     results = TrackResults(video_id, vp.cat_ids, vp.class_names)
     video_path = out / f"{frames.name}.mp4"
     writer = Mp4Writer(video_path, frames.fps) if save_video else None
-    summary = {"source": str(source), "frames_done": 0, "frames_total": frames.length,
+    summary = {"source": str(frames.source), "frames_done": 0, "frames_total": frames.length,
                "complete": False, "backend": vp.net.backend,
                "reuse": vp.reuse, "conf": vp.tracker.cfg.start_score,
                "patience": vp.tracker.cfg.patience, "imgsz": vp.imgsz,

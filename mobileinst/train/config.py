@@ -62,6 +62,8 @@ class TrainConfig:
     crop: bool = False  # SparseInst's "_aug" random crop
     copy_paste: float = 0.0  # probability of pasting another image's instances (Simple Copy-Paste)
     color_jitter: float = 0.0  # brightness/contrast/saturation factors in [1 - c, 1 + c]; 0 = off
+    cls_loss: str = "focal"  # 'focal' (SparseInst) or 'ia_bce' (IoU-aware BCE, LW-DETR / RF-DETR)
+    mask_loss_stride: int = 4  # grid of the mask losses: 4 = the predicted masks' (SparseInst), 2 or 1 upsampled
     aspect_grouping: bool = True  # batches of landscape or of portrait images only (train/sampler.py)
     eval_interval: int = 0  # iterations between evaluations; 0 -> once per epoch
     save_interval: int = 0  # iterations between last.pt saves; 0 -> eval_interval
@@ -106,6 +108,10 @@ class TrainConfig:
         for name in ("lr", "ema_decay"):
             if getattr(self, name) <= 0:
                 raise MobileInstError(f"{source}: {name} must be > 0, got {getattr(self, name)!r}")
+        if self.cls_loss not in ("focal", "ia_bce"):
+            raise MobileInstError(f"{source}: cls_loss must be focal or ia_bce, got {self.cls_loss!r}")
+        if self.mask_loss_stride not in (1, 2, 4):
+            raise MobileInstError(f"{source}: mask_loss_stride must be 1, 2 or 4, got {self.mask_loss_stride!r}")
         if self.schedule not in SCHEDULES:
             raise MobileInstError(f"{source}: schedule must be one of {', '.join(SCHEDULES)}, "
                                   f"got {self.schedule!r}")

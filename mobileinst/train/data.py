@@ -75,7 +75,7 @@ def aspect_groups(images: list[dict]) -> list[int]:
 
 def build_val_set(cfg: TrainConfig) -> CocoInstances:
     data = load_data_config(cfg.data)
-    if data.format == "ytvis":  # evaluated as videos (track/evaluate.py)
+    if data.format == "ytvis":  # evaluated as videos (evaluate/video.py)
         return build_video_val_set(cfg, data)
     val = CocoInstances(data.val.json, data.val.images, EvalTransform(cfg.imgsz), data.names)
     check_ground_truth(data.val.json)  # what evaluation needs, before the first training step

@@ -32,12 +32,13 @@ from ..data.validate import unreadable_images
 from ..errors import CheckpointError, MobileInstError
 from ..evaluate.evaluator import evaluate_model
 from ..models.pretrained import resolve_backbone_weights
+from ..models.backbones import BACKBONES, build_backbone
 from ..models.factory import build_model
 from ..models.weights import load_backbone_weights
-from ..registry import get_config
+from ..models.registry import get_config
 from ..utils import atomic_path, check_output_dir, keep_freed_memory, resolve_device, write_error
 from ..viz import plot_curves
-from . import dist
+from .. import dist
 from .config import TrainConfig, resumed_config
 from .data import build_train_loader, build_val_set
 from .ema import ModelEMA
@@ -95,12 +96,18 @@ def frozen_backbone_norms(model: torch.nn.Module) -> list[torch.nn.Module]:
     return norms
 
 
+def freezable_backbones() -> list[str]:
+    """The registered backbones whose stages `freeze_at` can fix (they have `freeze(level)`);
+    builds each once, so for error messages only."""
+    return sorted(name for name in BACKBONES if hasattr(build_backbone(name), "freeze"))
+
+
 def freeze_backbone(model: torch.nn.Module, level: int) -> list[torch.nn.Module]:
     """The backbone's blocks at strides <= 2**level fixed and run without gradient (detectron2's
     FREEZE_AT); returns them. Only backbones with a `freeze(level)` method support it."""
     if not hasattr(model.backbone, "freeze"):
         raise MobileInstError(f"freeze_at: the {model.cfg.backbone} backbone cannot freeze stages "
-                              "(mobilenetv2 can); leave freeze_at at 0")
+                              f"({' and '.join(freezable_backbones())} can); leave freeze_at at 0")
     return model.backbone.freeze(level)
 
 
@@ -175,7 +182,8 @@ class Trainer:
         if cfg.freeze_at:  # detectron2's FREEZE_AT: the first stages fixed, run without gradient
             self.frozen_bn += [m for block in freeze_backbone(self.model, cfg.freeze_at)
                                for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-        self.criterion = MobileInstCriterion(HungarianMatcher(), num_classes=len(self.class_names))
+        self.criterion = MobileInstCriterion(HungarianMatcher(), num_classes=len(self.class_names),
+                                             mask_loss_stride=cfg.mask_loss_stride, cls_loss=cfg.cls_loss)
         self.video = getattr(self.train_set, "is_video", False)
         net, self.loss_fn = self.model, self.criterion
         if self.video and (self.model_cfg.query_proposal or self.model_cfg.query_groups > 1

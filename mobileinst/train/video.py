@@ -101,5 +101,5 @@ def pseudo_clips(data: DataConfig, clips: YtvisClips, transform: TrainTransform)
 
 
 def build_video_val_set(cfg: TrainConfig, data: DataConfig) -> YtvisClips:
-    """The val videos, evaluated with the tracker at short side cfg.imgsz (`track.evaluate`)."""
+    """The val videos, evaluated with the tracker at short side cfg.imgsz (`evaluate.video`)."""
     return YtvisClips(data.val.json, data.val.images, EvalTransform(cfg.imgsz), data.names)

@@ -1,6 +1,6 @@
 /* Kernel association and track bookkeeping in plain JavaScript: a port of mobileinst's NumPy
  * reference (mobileinst/track/association_np.py, the specification) and of its track state
- * (mobileinst/track/tracker.py, `Tracker`), so that a page keeps the ids `mobileinst track` gives.
+ * (mobileinst/infer/tracker.py, `Tracker`), so that a page keeps the ids `mobileinst track` gives.
  *
  * Association (MinVIS `match_from_embds`, NVlabs/MinVIS): the N kernels of the current key frame
  * (query order) and of the previous one (slot order) are L2-normalised, cost = 1 - cosine

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from .errors import MobileInstError
-from .models.backbones import BACKBONES
+from ..errors import MobileInstError
+from .backbones import BACKBONES
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
+from .. import dist
 from ..data.coco import read_rgb
-from ..evaluate.ytvis_eval import VisMetrics, evaluate_ytvis
-from ..models.model_info import ModelInfo
 from ..infer.video import VideoPredictor
-from ..train import dist
+from ..infer.video_results import TrackResults
+from ..models.model_info import ModelInfo
 from ..utils import write_json
-from .results import TrackResults
+from .ytvis_eval import VisMetrics, evaluate_ytvis
 
 EVAL_CONF = 0.05
 

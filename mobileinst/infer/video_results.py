@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from ..evaluate.coco_eval import encode_mask
+from ..data.rle import encode_mask
 from ..utils import write_json
 from .tracker import Track
 
