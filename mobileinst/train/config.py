@@ -18,6 +18,8 @@ from ..errors import MobileInstError
 from .schedule import SCHEDULES
 
 
+CLASS_LOSSES = ("focal", "ia_bce")  # SparseInst's sigmoid focal loss; LW-DETR / RF-DETR's IoU-aware BCE
+MASK_LOSS_STRIDES = (1, 2, 4)  # the mask losses' grid: 4 = the predicted masks' own, 2 and 1 upsampled
 PRESETS = Path(__file__).resolve().parent.parent / "configs"  # the package's YAML presets
 
 
@@ -108,10 +110,10 @@ class TrainConfig:
         for name in ("lr", "ema_decay"):
             if getattr(self, name) <= 0:
                 raise MobileInstError(f"{source}: {name} must be > 0, got {getattr(self, name)!r}")
-        if self.cls_loss not in ("focal", "ia_bce"):
-            raise MobileInstError(f"{source}: cls_loss must be focal or ia_bce, got {self.cls_loss!r}")
-        if self.mask_loss_stride not in (1, 2, 4):
-            raise MobileInstError(f"{source}: mask_loss_stride must be 1, 2 or 4, got {self.mask_loss_stride!r}")
+        for name, allowed in (("cls_loss", CLASS_LOSSES), ("mask_loss_stride", MASK_LOSS_STRIDES)):
+            if getattr(self, name) not in allowed:
+                raise MobileInstError(f"{source}: {name} must be one of {', '.join(map(str, allowed))}, "
+                                      f"got {getattr(self, name)!r}")
         if self.schedule not in SCHEDULES:
             raise MobileInstError(f"{source}: schedule must be one of {', '.join(SCHEDULES)}, "
                                   f"got {self.schedule!r}")

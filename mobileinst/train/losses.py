@@ -36,13 +36,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import dist
+from .config import CLASS_LOSSES, MASK_LOSS_STRIDES
 from .matcher import MASK_STRIDE, HungarianMatcher, dice_score, prepare_target_masks
 from .proposal_loss import proposal_loss
 
 __all__ = ["MobileInstCriterion", "count_instances", "dice_loss", "dice_score", "mask_iou", "prepare_target_masks",
            "sigmoid_focal_loss"]
 
-CLASS_LOSSES = ("focal", "ia_bce")  # SparseInst's sigmoid focal loss; LW-DETR / RF-DETR's IoU-aware BCE
 WEIGHTS = {"loss_cls": 2.0, "loss_dice": 2.0, "loss_mask": 5.0, "loss_obj": 1.0}  # spec training.md §2
 
 
@@ -86,8 +86,8 @@ class MobileInstCriterion(nn.Module):
         if cls_loss not in CLASS_LOSSES:
             raise ValueError(f"cls_loss must be one of {', '.join(CLASS_LOSSES)}, got {cls_loss!r}")
         self.cls_loss = cls_loss
-        if mask_loss_stride not in (1, 2, MASK_STRIDE):
-            raise ValueError(f"mask_loss_stride must be 1, 2 or {MASK_STRIDE}, got {mask_loss_stride}")
+        if mask_loss_stride not in MASK_LOSS_STRIDES:
+            raise ValueError(f"mask_loss_stride must be one of {MASK_LOSS_STRIDES}, got {mask_loss_stride}")
         self.loss_upsample = MASK_STRIDE // mask_loss_stride  # 1: the prediction grid (SparseInst)
         self.matcher = matcher or HungarianMatcher()
         self.num_classes = num_classes
