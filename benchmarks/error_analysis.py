@@ -15,7 +15,13 @@ On the DATA file's val split (`mobileinst val`'s records, every class of a query
 - with --imgsz, `val` of the same checkpoint at other evaluation sizes;
 - with --score-exponents a,b ..., `val` with the query score p_cls^a * p_obj^b (the model's is
   0.5,0.5: sqrt(p_cls * p_obj)) times maskness, to see whether the objectness ranks better
-  weighted differently.
+  weighted differently;
+- with --oracle-objectness, the model's own decode with each query's objectness replaced by its
+  mask's true IoU with the best ground truth (any class): what a perfect quality head could add
+  through the score the decode already uses (sqrt(p_cls * p_obj) x maskness);
+- with --precise-bn N, `val` after the trained (non-backbone) BatchNorms' running statistics are
+  recomputed over N training batches in training mode (detectron2's PreciseBN): whether the
+  statistics gathered over batches of 4 cost AP.
 Prints one table per part. Every AP is `mobileinst val`'s evaluator (`evaluate_coco`: ground-truth
 areas from the masks) on the records `val` writes.
 """
@@ -31,16 +37,27 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from learning_curve import AGNOSTIC_ID, agnostic_gt  # noqa: E402
+
+from mobileinst.checkpoint import model_from_checkpoint, save_checkpoint  # noqa: E402
+from mobileinst.data.coco import CocoInstances  # noqa: E402
 from mobileinst.data.config import load_data_config  # noqa: E402
-from mobileinst.evaluate.coco_eval import evaluate_coco  # noqa: E402
+from mobileinst.data.loader import collate  # noqa: E402
+from mobileinst.data.transforms import EvalTransform  # noqa: E402
+from mobileinst.evaluate.coco_eval import evaluate_coco, instances_to_coco_json  # noqa: E402
+from mobileinst.models.postprocess import (InferenceConfig, binary_masks, decode_instances,  # noqa: E402
+                                           evaluation_config, select_instances)
+from mobileinst.train.config import TrainConfig  # noqa: E402
+from mobileinst.train.data import build_train_loader  # noqa: E402
 from mobileinst.evaluate.evaluator import validate  # noqa: E402
 
 SIZES = {"small": (0, 32 ** 2), "medium": (32 ** 2, 96 ** 2), "large": (96 ** 2, float("inf"))}
@@ -105,6 +122,65 @@ def with_score_exponents(a: float, b: float):
     return patched()
 
 
+@torch.no_grad()
+def oracle_objectness_records(weights: str, data: str) -> list[dict]:
+    """`val`'s records (every class of a query) from the model's own decode, with each query's
+    objectness logit set to logit(its mask's best true IoU with any non-crowd ground truth)."""
+    model, ckpt = model_from_checkpoint(weights)
+    split = load_data_config(data).val
+    dataset = CocoInstances(split.json, split.images, EvalTransform(ckpt["train_config"]["imgsz"]))
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(split.json))
+    ranking, up = evaluation_config(model.inference), model.cfg.mask_upsample
+    every = InferenceConfig(score_threshold=-1.0, max_detections=10 ** 6)  # all N queries, in order
+    records: list[dict] = []
+    for images, targets in DataLoader(dataset, batch_size=4, collate_fn=collate):
+        logits, obj, kernels, feats = model.inference_outputs(images)
+        padded = tuple(images.shape[-2:])
+        for i, t in enumerate(targets):
+            size, orig = tuple(t["size"]), tuple(t["orig_size"])
+            picked = select_instances(logits[i:i + 1], obj[i:i + 1], kernels[i:i + 1], feats[i:i + 1], every, up)
+            masks = binary_masks(picked["mask_prob"][0], padded, size, orig, every.mask_threshold)
+            anns = [a for a in gt.loadAnns(gt.getAnnIds(imgIds=int(t["image_id"]))) if not a.get("iscrowd", 0)]
+            iou = torch.zeros(obj.shape[1])
+            if anns:
+                rles = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
+                best = mask_utils.iou(rles, [gt.annToRLE(a) for a in anns], [0] * len(anns)).max(1)
+                iou[picked["index"][0]] = torch.from_numpy(np.asarray(best, dtype=np.float32))
+            oracle = torch.logit(iou.clamp(1e-4, 1 - 1e-4))[:, None]  # (N, 1)
+            out = decode_instances(logits[i], oracle, kernels[i], feats[i], padded, size, orig, ranking, up)
+            records += instances_to_coco_json(int(t["image_id"]), out["labels"].numpy(), out["scores"].numpy(),
+                                              out["masks"].numpy(), dataset.cat_ids)
+    return records
+
+
+@torch.no_grad()
+def precise_bn_weights(weights: str, data: str, batches: int, out: Path) -> Path:
+    """A copy of `weights` (its EMA model) whose trained BatchNorms (outside the backbone, whose
+    BatchNorms the recipes freeze) hold statistics averaged over `batches` training batches of
+    the run's own loader, the network in training mode; written to `out`."""
+    model, ckpt = model_from_checkpoint(weights)
+    cfg = TrainConfig.from_dict({**ckpt["train_config"], "data": data, "workers": 0})
+    loader, _ = build_train_loader(cfg, 0, 1)
+    norms = [m for name, m in model.named_modules()
+             if isinstance(m, torch.nn.BatchNorm2d) and not name.startswith("backbone.")]
+    model.train()
+    for m in model.backbone.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average
+    for i, (images, _) in enumerate(loader):
+        if i == batches:
+            break
+        model.forward_raw(images)
+    state = ckpt["ema"]["module"] if ckpt.get("ema") else ckpt["model"]
+    state.update(model.state_dict())
+    save_checkpoint(ckpt, out)
+    return out
+
+
 def row(name: str, stats: list[float]) -> str:
     return f"| {name} | " + " | ".join(f"{v:.3f}" for v in stats) + " |"
 
@@ -115,6 +191,8 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--imgsz", type=int, nargs="*", default=[], help="other evaluation sizes")
     ap.add_argument("--score-exponents", nargs="*", default=[], help="a,b pairs: p_cls^a * p_obj^b")
+    ap.add_argument("--oracle-objectness", action="store_true", help="objectness = the true mask IoU")
+    ap.add_argument("--precise-bn", type=int, default=0, metavar="N", help="recompute BN stats over N batches")
     args = ap.parse_args()
     gt_json = load_data_config(args.data).val.json
     with contextlib.redirect_stdout(io.StringIO()):
@@ -134,6 +212,14 @@ def main() -> None:
             print(row(f"p_cls^{a:g} * p_obj^{b:g}", coco_stats(gt_json, val_records(args.weights, args.data))))
     for size in args.imgsz:
         print(row(f"val at imgsz {size}", coco_stats(gt_json, val_records(args.weights, args.data, size))))
+    if args.oracle_objectness:
+        print(row("objectness = true mask IoU (oracle, model's decode)",
+                  coco_stats(gt_json, oracle_objectness_records(args.weights, args.data))))
+    if args.precise_bn:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            pbn = precise_bn_weights(args.weights, args.data, args.precise_bn, tmp / "precise_bn.pt")
+        print(row(f"BN statistics recomputed over {args.precise_bn} batches",
+                  coco_stats(gt_json, val_records(str(pbn), args.data))))
 
     best, areas = best_iou_per_instance(gt, records)
     print("\n| instances | n | best IoU >= 0.5 | >= 0.75 | >= 0.9 | median |\n|---|---:|---:|---:|---:|---:|")

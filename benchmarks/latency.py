@@ -10,7 +10,7 @@ Every (model, size, threads, backend) runs in a fresh process (so peak RSS is it
 thread counts pinned (torch.set_num_threads, OMP_NUM_THREADS; onnxruntime intra-op threads,
 1 inter-op thread, sequential) and glibc told to keep freed memory
 (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_: else eager PyTorch page-faults its activations back
-in on every call, /shared/spec/performance.md). Batch 1, medians over --runs calls after --warmup.
+in on every call: glibc `mallopt(3)`, M_MMAP_MAX / M_TRIM_THRESHOLD). Batch 1, medians over --runs calls after --warmup.
 
 - pre: letterbox a 480x640 RGB uint8 image into the HxW input (resize, pad, dtype);
 - net: the network (eager `forward_raw` under no_grad, or one onnxruntime run of a fixed-size

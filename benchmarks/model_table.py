@@ -5,8 +5,8 @@
 
 Latency: batch 1, PyTorch eager, torch.no_grad, median of --runs timed forward passes after
 --warmup untimed ones, each (variant, threads) in a fresh process with the thread count pinned
-and glibc's allocator told to keep freed memory (/shared/spec/performance.md: otherwise every
-forward page-faults its activations back in).
+and glibc's allocator told to keep freed memory (glibc `mallopt(3)`, M_MMAP_MAX / M_TRIM_THRESHOLD:
+otherwise every forward page-faults its activations back in).
 """
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# What the sources say, to print beside ours (see README "Model table").
+# What the sources say, to print beside ours (see docs/models.md).
 PUBLISHED = {
-    # /shared/spec/backbones.md: official backbone parameter counts (tpm + trans + SIM / smb + trans)
+    # official backbone parameter counts, summed over the parameters of hustvl/TopFormer
+    # mmseg/models/backbones/topformer.py and fudan-zvg/SeaFormer seaformer-seg/mmseg/models/backbones/
+    # seaformer.py built from their local_configs (tpm + trans + SIM / smb + trans)
     "backbone_params": {"topformer-t": 1_369_920, "topformer-s": 2_968_464, "topformer-b": 4_958_048,
                         "seaformer-t": 1_620_096, "seaformer-s": 3_912_656, "seaformer-b": 8_485_664,
                         "seaformer-l": 13_725_504, "mobilenetv2": 2_223_872,

@@ -13,7 +13,7 @@ included):
   synth`-style, 4 classes): SparseInst's multi-scale draws (short side up to S) and the
   evaluation at S that ends the run; its row also gives the peak per input pixel of a batch
   (B x S x round(S * 853 / 640), the size `train`'s memory check assumes), to compare with
-  `mobileinst.utils.TRAIN_BYTES_PER_PIXEL` (README: 1210-1370 at 640 x 16 by /usr/bin/time);
+  `mobileinst.utils.TRAIN_BYTES_PER_PIXEL` (docs/reliability.md: 1210-1370 at 640 x 16 by /usr/bin/time);
 - val: one 6000x6000 photo at the checkpoint's size (640): 100 kept instances, whose full-size
   masks were 3.6 GB at once before they were made a few at a time (issue 23).
 predict and val run MobileInst-TopFormer-T with random weights, 80 classes (predict_memory's

@@ -8,7 +8,8 @@
 
 What is timed: onnxruntime, CPU, 1 intra-op thread (`mobileinst.infer.ort.session_options`),
 batch 1, median (and p10/p90) over --runs calls after --warmup, per input size (640x640 and
-480x640 by default); the graphs compared take turns call by call, so load changes hit all alike. The load average is printed before and after (2 shared cores here: read
+480x640 by default); the graphs compared take turns call by call, so load changes hit all alike.
+The load average is printed before and after (2 shared cores here: read
 the numbers relative to each other).
 
 - tail graphs: everything after the instance decoder, exported alone with torch's dynamo
@@ -99,14 +100,14 @@ class OldExportGraph(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         mask_feats, f_mask, x6 = self.model.features(images.float())  # (B, E, H/8, W/8), ...
-        out = self.model.add_pooled_class_logits(self.model.instance_decoder(x6, f_mask), mask_feats)
+        out = self.model.add_pooled_terms(self.model.instance_decoder(x6, f_mask), mask_feats)
         logits, obj, kernels = out["pred_logits"], out["pred_scores"], out["pred_kernels"]
         if self.postprocess is None:
             return logits, obj, kernels, mask_feats
         return self.postprocess(logits, obj, kernels, mask_feats, images.shape[-2:])
 
     def tail(self, heads: dict[str, Tensor], mask_feats: Tensor, size: Sequence[Any]) -> tuple[Tensor, ...]:
-        out = self.model.add_pooled_class_logits(heads, mask_feats)
+        out = self.model.add_pooled_terms(heads, mask_feats)
         return self.postprocess(out["pred_logits"], out["pred_scores"], out["pred_kernels"],
                                 mask_feats, size)
 
@@ -217,7 +218,7 @@ def synthetic_inputs(model: nn.Module, h: int, w: int, k: int, seed: int = 0) ->
     if getattr(model, "mask_class", None) is not None:  # undo the pooled class term
         heads = {"pred_logits": torch.zeros_like(torch.from_numpy(target)),
                  "pred_scores": torch.from_numpy(obj), "pred_kernels": torch.from_numpy(kernels)}
-        term = model.add_pooled_class_logits(heads, torch.from_numpy(mf))["pred_logits"].numpy()
+        term = model.add_pooled_terms(heads, torch.from_numpy(mf))["pred_logits"].numpy()
         target = target - term
     return target.astype(np.float32), obj, kernels, mf
 

@@ -6,8 +6,8 @@
 
 The `base` row is the recommended preset (--cfg, default hard_cpu) with every lever below turned
 off: the recipe before them (step schedule, no EMA, nothing frozen, stride-8 masks, one query
-group, learned queries, no copy-paste, crop or colour jitter). Each lever row turns one lever on; `all` turns every one on; `recipe`
-is the preset as it is; levers joined by '+' are on together:
+group, learned queries, no copy-paste, crop or colour jitter). Each lever row turns one lever on;
+`all` turns every one on; `recipe` is the preset as it is; levers joined by '+' are on together:
   schedule   linear decay to zero over the budget and a short-ramp EMA (0.993, tau 100)
   freeze     freeze_at 3: the backbone up to stride 8 fixed, run without gradient
   stride4    mask features at stride 4 (mask_stride 4)
@@ -37,7 +37,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipe_seeds import ROOT, cpu_model, ensure_data, run_seed  # noqa: E402
+from recipe_seeds import cpu_model, ensure_data, run_seed  # noqa: E402
 
 # lever -> ((TrainConfig fields, model_overrides) that turn it ON, the same that turn it OFF)
 LEVERS = {

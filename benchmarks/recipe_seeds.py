@@ -42,7 +42,8 @@ def cpu_model() -> str:
 
 def run_seed(cfg: str, data: Path, out: Path, seed: int, threads: int, extra: list[str]) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = CLI + ["train", "--data", str(data), "--cfg", cfg, "--seed", str(seed), "--out-dir", str(out), "--exist-ok"] + extra
+    cmd = CLI + ["train", "--data", str(data), "--cfg", cfg, "--seed", str(seed), "--out-dir", str(out),
+                 "--exist-ok"] + extra
     with open(out.parent / f"{out.name}.log", "w") as log:
         code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
     if code != 0:
@@ -88,11 +89,13 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(lambda s: run_seed(args.cfg, data, out / f"s{s}", s, threads, extra), args.seeds))
 
-    machine = f"{cpu_model()}, {os.cpu_count()} cores, {threads} thread(s) per run, {args.jobs} run(s) at once, torch {torch.__version__}"
+    machine = (f"{cpu_model()}, {os.cpu_count()} cores, {threads} thread(s) per run, {args.jobs} run(s) at once, "
+               f"torch {torch.__version__}")
     print(f"{args.cfg} on {data} ({machine})")
     print("| seed | iterations | final AP | best AP | AP50 | train s |\n|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['seed']} | {r['iterations']} | {r['AP']:.3f} | {r['best_AP']:.3f} | {r['AP50']:.3f} | {r['seconds']:.0f} |")
+        print(f"| {r['seed']} | {r['iterations']} | {r['AP']:.3f} | {r['best_AP']:.3f} | {r['AP50']:.3f} "
+              f"| {r['seconds']:.0f} |")
     aps = [r["AP"] for r in rows]
     spread = statistics.stdev(aps) if len(aps) > 1 else 0.0
     print(f"final mask AP: mean {statistics.mean(aps):.3f}, sd {spread:.3f}, worst {min(aps):.3f}, best {max(aps):.3f}")

@@ -48,7 +48,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         with torch.serialization.safe_globals(LEGACY_NUMPY_GLOBALS):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # a global outside the allow-list: code, or a foreign object
+    except pickle.UnpicklingError:  # a global outside the allow-list: code, or a foreign object
         raise CheckpointError(f"{path}: refused: the file asks to run or build Python objects "
                               f"({_unsafe_globals(path)}); mobileinst checkpoints hold tensors and "
                               "plain values only, so this file was not written by mobileinst or was "

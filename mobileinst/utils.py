@@ -17,6 +17,7 @@ from .errors import MobileInstError
 
 if TYPE_CHECKING:
     import numpy as np
+    import torch
 
 
 def write_json(path: str | Path, obj: Any, indent: int | None = None) -> Path:
@@ -101,13 +102,29 @@ def temp_file_beside(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
     writes). It gets the mode a plain open() would leave: the mode of the file it replaces, or
     0666 & ~umask for a new one (mkstemp's own 0600 would hide exports from other users).
     suffix: how its name ends (".tmp.mp4" for a writer that picks the format from the name)."""
-    try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except OSError:
-        mode = 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.fchmod(fd, mode)
+    os.fchmod(fd, plain_write_mode(path))
     return fd, tmp
+
+
+def plain_write_mode(path: Path) -> int:
+    """The mode a plain open() for writing leaves `path` with: its present mode, or 0666 & ~umask
+    for a new file."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~current_umask()
+
+
+def replace_with(done: str | Path, path: str | Path) -> None:
+    """A finished file `done`, written in `path`'s folder (same file system), renamed over `path`
+    with the mode a plain write gives (`plain_write_mode`): atomic, so `path` is at every moment
+    its old file or the whole new one. For converters that write files of their own choosing
+    (pnnx): point them at a temporary folder beside `path`, never at /tmp, whence a move to
+    another file system is a copy that a crash leaves half done under the final name."""
+    path = Path(path)
+    os.chmod(done, plain_write_mode(path))
+    os.replace(done, path)
 
 
 PROBE_BYTES = 1 << 20
@@ -156,8 +173,9 @@ def keep_freed_memory() -> bool:
     """Ask glibc's allocator to keep freed memory for reuse instead of returning it to the OS.
 
     By default every activation buffer above 128 KiB is mmap-ed and unmapped again, so each eager
-    forward/backward page-faults its memory back in (/shared/spec/performance.md, "the allocator
-    trap"); measured here, one CPU training step of the demo takes 1.2x-1.4x longer that way.
+    forward/backward page-faults its memory back in (glibc `mallopt(3)`: M_MMAP_THRESHOLD,
+    M_TRIM_THRESHOLD); measured here, one CPU training step of the demo takes 1.2x-1.4x longer that
+    way (docs/performance.md).
     This is the in-process form of MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>. The peak
     memory is unchanged; memory freed after the peak is kept by the process. Returns whether it
     applied (False off glibc, e.g. macOS or musl)."""

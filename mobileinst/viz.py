@@ -4,6 +4,7 @@ from __future__ import annotations
 import colorsys
 import csv
 from pathlib import Path
+from typing import Iterable
 
 import cv2
 import numpy as np
@@ -18,26 +19,30 @@ def color(i: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-def draw_instances(image: np.ndarray, masks: np.ndarray, labels: list[str],
+def draw_instances(image: np.ndarray, masks: Iterable[np.ndarray], labels: list[str],
                    colors: list[tuple[int, int, int]], alpha: float = 0.5) -> np.ndarray:
     """Overlay masks (K, H, W) bool on an RGB uint8 image, with contours and a caption per instance.
 
     Each instance is blended (in bands of rows), outlined and located inside its own bounding box,
     in uint8: besides the output image nothing of the image's size is allocated (no float copy,
     no per-instance full-size arrays); the largest temporary is one mask's box as uint8 0/1 for
-    its outline (1/3 of the image's bytes at most)."""
+    its outline (1/3 of the image's bytes at most). `masks` is read once, in order, each mask
+    only while it is blended and outlined: any iterable of (H, W) masks does (a `MaskChunks`,
+    made a few at a time: memory bounded however many instances a huge photo has). The outlines
+    and captions are drawn over all the blends, as before."""
     out = image.copy()  # (H, W, 3) uint8
-    boxes = [mask_box(m) for m in masks]
-    for m, c, box in zip(masks, colors, boxes):
-        if box is not None:
-            _blend(out, m, c, alpha, box)
-    for m, text, c, box in zip(masks, labels, colors, boxes):
+    outlines = []  # (contours, caption, color, box) of each non-empty mask
+    for m, text, c in zip(masks, labels, colors):
+        box = mask_box(m)
         if box is None:
             continue
+        _blend(out, m, c, alpha, box)
         y0, y1, x0, x1 = box
         crop = np.ascontiguousarray(m[y0:y1, x0:x1]).view(np.uint8)  # (h, w) 0/1, the box only
         contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
                                        offset=(x0, y0))
+        outlines.append((contours, text, c, box))
+    for contours, text, c, (y0, _, x0, _) in outlines:
         cv2.drawContours(out, contours, -1, c, 1, cv2.LINE_AA)
         _caption(out, text, (x0, y0), c)
     return out

@@ -1,7 +1,10 @@
 """Official checkpoint layouts (key -> shape), derived independently of `mobileinst.models`.
 
-Everything here is written from the spec tables (/shared/spec/backbones.md: the `[k, t, c, s]`
-rows, channels, embed dims, key dims, heads, MLP ratios and the key naming rules) and from
+Everything here is written from the official configs (hustvl/TopFormer
+`local_configs/topformer/topformer_{tiny,small,base}.py`, fudan-zvg/SeaFormer
+`seaformer-seg/local_configs/seaformer/seaformer_{tiny,small,base,large}.py`: the `[k, t, c, s]`
+rows, channels, embed dims, key dims, heads, MLP ratios) and key naming rules (their
+`mmseg/models/backbones/{topformer,seaformer}.py`) and from
 torchvision's MobileNetV2 module tree, never from our models' own state_dict, so that a test
 comparing the two catches a wrong key or shape in either. `fabricate_checkpoint` builds random
 files in these layouts, wrapped and prefixed the way published checkpoints are.

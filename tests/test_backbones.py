@@ -1,6 +1,7 @@
 """TopFormer and SeaFormer backbones: official key layout, golden outputs, shapes.
 
-The golden files (/shared/golden, see its README) hold the official implementations' outputs
+The golden files (found by `golden.py`; not in the repository) hold the official implementations'
+(hustvl/TopFormer, fudan-zvg/SeaFormer) outputs
 for stored state_dicts; a faithful backbone loads them strictly and matches to 1e-4.
 """
 from __future__ import annotations
@@ -18,7 +19,9 @@ from golden import golden_path
 
 TOL = 1e-4
 
-# /shared/spec/backbones.md: parameter counts (BN affine + pos embeddings, no running stats)
+# official backbones' parameter counts (hustvl/TopFormer mmseg/models/backbones/topformer.py, fudan-zvg/SeaFormer
+# seaformer-seg/mmseg/models/backbones/seaformer.py, with their local_configs): BN affine + pos embeddings,
+# no running stats
 TOPFORMER_PARAMS = {"t": 1_369_920, "s": 2_968_464, "b": 4_958_048}
 SEAFORMER_PARAMS = {"t": 1_620_096, "s": 3_912_656, "b": 8_485_664, "l": 13_725_504}
 SEAFORMER_SD_ENTRIES = {"t": 426, "s": 558, "b": 690, "l": 762}

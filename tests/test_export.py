@@ -111,7 +111,7 @@ def torch_raw(model, images: np.ndarray, dtype: torch.dtype = torch.float32) -> 
     x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(dtype)
     with torch.no_grad():
         mask_feats, f_mask, x6 = model.features(x)
-        out = model.add_pooled_class_logits(model.instance_decoder(x6, f_mask), mask_feats)
+        out = model.add_pooled_terms(model.instance_decoder(x6, f_mask), mask_feats)
     return {"logits": out["pred_logits"].numpy(), "objectness": out["pred_scores"].numpy(),
             "kernels": out["pred_kernels"].numpy(), "mask_features": mask_feats.numpy()}
 
@@ -162,7 +162,8 @@ def models():
     torch.manual_seed(0)
     img = voc_image()
     models = {n: make_realistic(build_model(f"mobileinst-{n}", **kw), img) for n, kw in
-              (("topformer-t", {}), ("seaformer-t", {}), ("mobilenetv2", {"mask_pooled_cls": True}))}
+              (("topformer-t", {}), ("seaformer-t", {}),
+               ("mobilenetv2", {"mask_pooled_cls": True, "mask_pooled_obj": True}))}
     m = models["mobilenetv2"]  # its mask-pooled class term (the demo preset's option): std ~1
     with torch.no_grad():
         x, _ = preprocess([img], 320, 427)
@@ -171,6 +172,7 @@ def models():
         m.mask_class.weight.normal_()
         term = m.forward_raw(x)["pred_logits"] - before
         m.mask_class.weight.div_(term.std())
+        m.mask_quality.weight.normal_(std=0.05)  # and its mask-pooled objectness term
     return models
 
 
@@ -560,7 +562,6 @@ def test_cli_val_onnxruntime_backend(tmp_path, capsys):
     from mobileinst.data.synthetic_video import make_synthetic_ytvis
     from mobileinst.evaluate.coco_eval import evaluate_coco
     from mobileinst.evaluate.evaluator import predict_images
-    from mobileinst.predict import Predictor
     data = make_synthetic_coco(tmp_path / "data", n_train=1, n_val=3, seed=2)
     torch.manual_seed(0)
     model = make_realistic(build_model("mobileinst-topformer-t", num_classes=4), voc_image())

@@ -104,11 +104,13 @@ def models():
     shared by the class term and the masks) and TopFormer-T without it."""
     torch.manual_seed(0)
     img = voc_image()
-    out = {"pooled": make_realistic(build_model("mobileinst-mobilenetv2", mask_pooled_cls=True), img),
+    out = {"pooled": make_realistic(build_model("mobileinst-mobilenetv2", mask_pooled_cls=True,
+                                                            mask_pooled_obj=True), img),
            "plain": make_realistic(build_model("mobileinst-topformer-t"), img)}
     m = out["pooled"]
     with torch.no_grad():  # make the pooled term matter (std ~1 of the logits)
         m.mask_class.weight.normal_(std=0.05)
+        m.mask_quality.weight.normal_(std=0.05)  # and the objectness term
     return out
 
 

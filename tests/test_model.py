@@ -126,6 +126,36 @@ def test_upsample_masks_is_the_plain_recipe_bit_for_bit(padded, size, orig):
     assert torch.equal(got, _upsample_reference(prob, padded, size, orig))
 
 
+def test_mask_pooled_objectness():
+    """mask_pooled_obj adds to the objectness a linear map of the mean and spread of M under each
+    query's own mask, with no gradient into the kernels; weights `mask_quality.*`, absent by
+    default, zero at initialisation (the model starts as without it)."""
+    torch.manual_seed(0)
+    assert not any(k.startswith("mask_quality") for k in build_model("mobileinst-mobilenetv2").state_dict())
+    model = build_model("mobileinst-mobilenetv2", num_classes=3, num_queries=6, mask_pooled_obj=True).train()
+    images = torch.rand(2, 3, 96, 128) * 255
+    mask_feats, f_mask, x6 = model.features(images)
+    dec = model.instance_decoder(x6, f_mask)
+    assert torch.equal(model.forward_raw(images)["pred_scores"], dec["pred_scores"])  # zero-initialised
+    with torch.no_grad():
+        model.mask_quality.weight.normal_()
+        model.mask_quality.bias.fill_(0.3)
+    out = model.forward_raw(images)
+    m = mask_feats.flatten(2)  # (B, E, P)
+    w = torch.einsum("bne,bep->bnp", dec["pred_kernels"], m).sigmoid()  # (B, N, P)
+    norm = w.sum(-1, keepdim=True) + 1
+    mean = torch.einsum("bnp,bep->bne", w, m) / norm
+    spread = torch.einsum("bnp,bep->bne", w, m * m) / norm - mean ** 2
+    expected = dec["pred_scores"] + torch.cat([mean, spread], -1) @ model.mask_quality.weight.T + 0.3
+    assert torch.allclose(out["pred_scores"], expected, atol=1e-4)
+    assert torch.equal(out["pred_logits"], dec["pred_logits"])  # the class is untouched
+    assert (spread > -1e-4).all()  # a variance
+    out["pred_scores"].sum().backward()
+    assert model.instance_decoder.kernel_head.weight.grad is None  # no gradient into the kernels
+    assert model.mask_quality.weight.grad.abs().sum() > 0
+    assert model.eval().inference_outputs(images)[1].shape == (2, 6, 1)
+
+
 def test_mask_pooled_class_logits():
     """mask_pooled_cls adds class evidence pooled under each query's own mask, with no class
     gradient into the kernels; the option's weights are `mask_class.*`, absent by default."""

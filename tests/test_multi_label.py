@@ -19,15 +19,15 @@ def test_multi_label_scores_every_class_of_every_query():
     cfg = InferenceConfig(score_threshold=0.0, max_detections=100, multi_label=True)
     out = select_instances(logits, obj, kernels, feats, cfg, upsample=2)
     assert out["scores"].shape[1] == n * c  # every pair above threshold 0 is kept
-    pairs = {(int(q), int(l)) for q, l in zip(out["index"][0], out["labels"][0])}
-    assert pairs == {(q, l) for q in range(n) for l in range(c)}
+    pairs = {(int(q), int(k)) for q, k in zip(out["index"][0], out["labels"][0])}
+    assert pairs == {(q, k) for q in range(n) for k in range(c)}
     # a pair's score is its class's score times its query's maskness, the same for every class
     single = select_instances(logits, obj, kernels, feats, InferenceConfig(score_threshold=0.0))
     maskness = {int(q): float(s) / float(class_scores(logits, obj)[0, q].max())
                 for q, s in zip(single["index"][0], single["scores"][0])}
     cls = class_scores(logits, obj)[0]  # (N, C)
-    for q, l, s in zip(out["index"][0], out["labels"][0], out["scores"][0]):
-        assert torch.isclose(s, cls[q, l] * maskness[int(q)], rtol=1e-5)
+    for q, k, s in zip(out["index"][0], out["labels"][0], out["scores"][0]):
+        assert torch.isclose(s, cls[q, k] * maskness[int(q)], rtol=1e-5)
     # best first, and each pair's mask is its query's mask
     assert torch.all(out["scores"][0][:-1] >= out["scores"][0][1:])
     by_query = dict(zip(single["index"][0].tolist(), single["mask_prob"][0]))

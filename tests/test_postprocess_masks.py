@@ -20,7 +20,8 @@ def blobs(k: int, h4: int, w4: int, seed: int = 0) -> torch.Tensor:
     yy, xx = torch.meshgrid(torch.arange(h4).float(), torch.arange(w4).float(), indexing="ij")
     out = []
     for _ in range(k):
-        cy, cx = (torch.rand(2, generator=g) * torch.tensor([h4 * 1.2, w4 * 1.2]) - 0.1 * torch.tensor([h4, w4])).tolist()
+        cy, cx = (torch.rand(2, generator=g) * torch.tensor([h4 * 1.2, w4 * 1.2])
+                  - 0.1 * torch.tensor([h4, w4])).tolist()
         ry, rx = (1 + torch.rand(2, generator=g) * torch.tensor([h4 / 3, w4 / 3])).tolist()
         d = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
         out.append(torch.sigmoid(4 * (1 - d) + 0.7 * torch.randn(h4, w4, generator=g)))

@@ -187,15 +187,17 @@ def test_proposal_loss_closed_form_and_gradient():
     assert qp.cls_head[0].weight.grad.abs().sum() > 0 and qp.cls_head[2].weight.grad.abs().sum() > 0
     assert x.grad.abs().sum() > 0
 
-    # closed form: logits l everywhere, B = 1, P = 16 pixels, 2 GT -> 2 positives among C * P
-    l = -1.5
-    logits = torch.full((1, C, 4, 4), l)
-    sp = lambda v: math.log1p(math.exp(v))  # softplus: BCE of logit v with target 0; of -v with 1
-    expected = PROPOSAL_WEIGHT * ((C * 16 - 2) * sp(l) + 2 * sp(-l)) / 16
+    # closed form: logits z everywhere, B = 1, P = 16 pixels, 2 GT -> 2 positives among C * P
+    z = -1.5
+    logits = torch.full((1, C, 4, 4), z)
+
+    def sp(v):  # softplus: BCE of logit v with target 0; of -v with 1
+        return math.log1p(math.exp(v))
+    expected = PROPOSAL_WEIGHT * ((C * 16 - 2) * sp(z) + 2 * sp(-z)) / 16
     got = proposal_loss(logits, [targets[0]], [masks])
     assert got.item() == pytest.approx(expected, rel=1e-6)
     empty = proposal_loss(logits, [targets[1]], [masks[:0]])  # no GT: all background
-    assert empty.item() == pytest.approx(PROPOSAL_WEIGHT * C * sp(l), rel=1e-6)
+    assert empty.item() == pytest.approx(PROPOSAL_WEIGHT * C * sp(z), rel=1e-6)
 
 
 # -- export --------------------------------------------------------------------------------------

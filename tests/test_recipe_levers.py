@@ -144,6 +144,18 @@ def test_loss_options_train_and_are_checked(data, tmp_path):
             TrainConfig.from_dict({"data": str(data), **bad})
 
 
+def test_loss_weights_reach_the_criterion_and_are_checked(data, tmp_path):
+    cfg = TrainConfig.from_dict({"data": str(data), "out_dir": str(tmp_path / "run"), "iters": 1,
+                                 "loss_weights": {"dice": 5, "obj": 0.5}, **TINY})
+    trainer = Trainer(cfg)
+    trainer.lock.release()
+    w = trainer.criterion.weights
+    assert (w["loss_dice"], w["loss_obj"], w["loss_cls"], w["loss_mask"]) == (5.0, 0.5, 2.0, 5.0)
+    for bad, match in (({"dcie": 5}, "unknown term 'dcie'"), ({"dice": -1}, "dice must be a number"),
+                       ({"mask": "5"}, "mask must be a number"), ({"cls": float("nan")}, "cls must be")):
+        with pytest.raises(MobileInstError, match=match):
+            TrainConfig.from_dict({"data": str(data), "loss_weights": bad})
+
 # -- frozen stages -------------------------------------------------------------------------------
 def test_freeze_at_fixes_the_first_levels(data, tmp_path):
     cfg = TrainConfig(data=str(data), out_dir=str(tmp_path / "run"), iters=2, freeze_at=3, **TINY)

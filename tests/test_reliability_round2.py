@@ -8,7 +8,6 @@ import builtins
 import json
 import re
 import errno
-import logging
 from pathlib import Path
 from typing import Any, Callable
 

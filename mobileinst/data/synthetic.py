@@ -5,7 +5,7 @@ what lies beneath). A class is its shape AND a hue family (each instance's colou
 its class hue, with random saturation, brightness and texture: stripes, checks or blotchy noise),
 on a textured, low-saturation noisy background. Shape alone was too hard for the demo's budget: a
 from-scratch model reads colour from the decoder's coarse (1/64) tokens within minutes, shape
-takes far longer (README, "The demo"). 1-3 objects per image, each 30%-55% of the short side across,
+takes far longer (docs/design.md). 1-3 objects per image, each 30%-55% of the short side across,
 drawn back to front: later objects occlude earlier ones and the annotation is the VISIBLE part.
 Placement is re-drawn while an object would hide more than half of an earlier one, so no object
 is nearly hidden (and none is left visible but unannotated). Image sides vary in [256, 448].
@@ -36,7 +36,7 @@ MIN_VISIBLE = 0.5  # an earlier object keeps at least this fraction of its area 
 MIN_PIXELS = 64  # smaller visible parts are not annotated (they do not happen with the defaults)
 # Object diameters as a fraction of the short side, and the most objects per image. The demo's
 # 10-minute training from scratch reached mask AP 0.33 with 20-45% and up to 6 objects, 0.43 with
-# 30-55% and up to 4, more with up to 3 (README, "The demo"): fewer, larger objects, still
+# 30-55% and up to 4, more with up to 3 (docs/design.md): fewer, larger objects, still
 # occluding each other (same-class neighbours that overlap were the commonest merged masks).
 # `benchmarks/demo_sweep.py --max-objects 6 --object-size 0.2 0.45` trains on the previous set.
 OBJECT_SIZE = (0.3, 0.55)

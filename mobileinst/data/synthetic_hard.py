@@ -140,7 +140,10 @@ def make_image(h: int, w: int, rng: np.random.Generator, max_objects: int = MAX_
         cls, union, parts = crowd(h, w, rng)
         for part in parts:
             paint(img, part, colour_unlike(bg, rng, 60), rng)
-        classes.append(cls); visible.append(union); full.append(union); crowds.append(1)
+        classes.append(cls)
+        visible.append(union)
+        full.append(union)
+        crowds.append(1)
     # big objects first (behind), so small ones are not all hidden
     radii = sorted((diameter(h, w, rng, object_size) / 2 for _ in range(n)), reverse=True)
     for r in radii:
@@ -150,7 +153,9 @@ def make_image(h: int, w: int, rng: np.random.Generator, max_objects: int = MAX_
             continue
         paint(img, m, colour_unlike(bg, rng, 60), rng)
         visible = [v & ~m for v in visible] + [m]
-        full.append(m); classes.append(cls); crowds.append(0)
+        full.append(m)
+        classes.append(cls)
+        crowds.append(0)
     img = img + rng.normal(0, 4, img.shape)  # sensor noise
     instances = [(c, v.astype(np.uint8), k) for c, v, k in zip(classes, visible, crowds)
                  if v.sum() >= MIN_PIXELS]

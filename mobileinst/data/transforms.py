@@ -1,6 +1,7 @@
 """Image + instance-mask augmentation (SparseInst's recipe, scaled to the training size).
 
-Source: /shared/spec/training.md §4: training short side chosen from {416, 448, ..., 640} with the
+Source: hustvl/SparseInst `configs/Base-SparseInst.yaml`, `sparse_inst_r50_giam_aug.yaml` and
+`sparseinst/dataset_mapper.py`: training short side chosen from {416, 448, ..., 640} with the
 long side <= 853, horizontal flip; the optional "_aug" crop (p = 0.5: short side to one of
 {400, 500, 600}, random crop of 384..600 px, instances whose mask became empty dropped) before
 the resize; test short side 640, long <= 853. All sizes scale with imgsz / 640.

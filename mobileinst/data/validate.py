@@ -5,12 +5,14 @@ Every problem is ONE line naming the file and the entry, e.g.
     train.json: annotation 57 (annotations[12]): iscrowd must be 0 or 1, got '0' (a string)
 
 The json checks are one pass of cheap Python tests (860k COCO-like annotations: ~10 s on one slow
-shared core, 1.3x the reader's earlier checks; json.load of such a file takes longer): types and ranges of every field the reader or the evaluator uses, ids that refer to
+shared core, 1.3x the reader's earlier checks; json.load of such a file takes longer): types and
+ranges of every field the reader or the evaluator uses, ids that refer to
 existing entries, duplicate ids, image file names that stay inside the image folder, image
 sizes (at most MAX_SIDE a side and MAX_PIXELS in all), and segmentations: polygons are lists of
 numbers within one image size of their image (so pycocotools' C code never sees a far-off one),
 an RLE's `size` is its image's [h, w] and its runs (uncompressed list, or the compressed string
-decoded here) are non-negative and cover exactly h x w pixels. `bbox` is not read anywhere (masks give areas and boxes), so it is not checked.
+decoded here) are non-negative and cover exactly h x w pixels. `bbox` is not read anywhere (masks
+give areas and boxes), so it is not checked.
 
 Images: a JPEG must have its end-of-image marker after the image data and a PNG its IEND chunk
 (`image_file_problem`, a few bytes read in the usual case), so a truncated file is refused instead

@@ -15,7 +15,7 @@ contiguous labels 0..C-1 in sorted-id order (`cat_ids` maps back), as `coco.Coco
 Training item `ds[(i, seed)]` (index i = an anchor frame (video, t) over all frames of all videos):
 a CLIP of two frames t and t + d, d drawn uniformly from 1..max_gap (towards the start of the video
 when t + d would pass its end; d = 0 for one-frame videos), both augmented with the SAME draw
-(same scale, crop and flip), for temporal query passing (/shared/spec/mobileinst.md, "Video"):
+(same scale, crop and flip), for temporal query passing (MobileInst paper, arXiv 2303.17594):
 
     clip   : torch.uint8 (2, 3, H, W)  frames t and t + d
     targets: [target_t, target_t+d], each as CocoInstances' target plus "video_id", "frame",

@@ -1,6 +1,7 @@
 """COCO mask AP with pycocotools (or faster-coco-eval when installed: identical numbers, faster).
 
-Results records follow detectron2's box-free writer (/shared/spec/training.md §6):
+Results records follow detectron2's box-free writer (detectron2 `evaluation/coco_evaluation.py`,
+`instances_to_coco_json`, as hustvl/SparseInst uses it):
 ``{image_id, category_id (the dataset's own id), score, segmentation}``, the segmentation a
 compressed RLE whose ``counts`` is a str. Polygons and uncompressed RLEs are accepted too and are
 converted to compressed RLE with the ground-truth image size.

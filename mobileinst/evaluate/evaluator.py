@@ -20,7 +20,7 @@ from ..data.transforms import EvalTransform
 from ..data.ytvis import YtvisClips
 from ..errors import DataError, MobileInstError
 from ..infer.factory import load_predictor, load_trained
-from ..infer.predictor import Predictor
+from ..infer.predictor import RAW_KEYS, Predictor, decode_outputs
 from ..infer.results import result_records
 from ..models.model_info import ModelInfo
 from ..models.postprocess import evaluation_config
@@ -34,7 +34,10 @@ from .video import evaluate_video_model
 def predict_dataset(model: torch.nn.Module, dataset, batch_size: int = 4, workers: int = 0,
                     device: torch.device | str = "cpu", progress: bool = True) -> list[dict]:
     """COCO results records (original category ids, RLE masks at the original image size) for
-    every image of `dataset`, gathered from all workers."""
+    every image of `dataset`, gathered from all workers. The decode is `model.postprocess`'s
+    (`decode_instances`), its full-size masks made a few at a time (`decode_outputs` with
+    lazy_masks: `MaskChunks`), each encoded to RLE and dropped, as `val` does: 100 masks of 4
+    large photos at once were K x H0 x W0 bools per batch (issue 23); the records are the same."""
     was_training = model.training
     model.eval()
     ranking = evaluation_config(model.inference)  # every class of a query, as `val` ranks
@@ -45,13 +48,14 @@ def predict_dataset(model: torch.nn.Module, dataset, batch_size: int = 4, worker
     for images, targets in tqdm(loader, desc="val", leave=False, dynamic_ncols=True,
                                 disable=not (progress and dist.is_main())):
         images = images.to(device)
-        outputs = model.postprocess(model.inference_outputs(images), tuple(images.shape[-2:]),
-                                    [tuple(t["size"]) for t in targets],
-                                    [tuple(t["orig_size"]) for t in targets], ranking)
-        for t, out in zip(targets, outputs):
+        raw = dict(zip(RAW_KEYS, model.inference_outputs(images)))
+        outputs = decode_outputs(raw, tuple(images.shape[-2:]), [tuple(t["size"]) for t in targets],
+                                 [tuple(t["orig_size"]) for t in targets], ranking,
+                                 model.cfg.mask_upsample, lazy_masks=True)
+        for t, out in zip(targets, outputs):  # out["masks"]: a MaskChunks, made as encoded
             records += instances_to_coco_json(int(t["image_id"]), out["labels"].cpu().numpy(),
-                                              out["scores"].cpu().numpy(),
-                                              out["masks"].cpu().numpy(), dataset.cat_ids)
+                                              out["scores"].cpu().numpy(), out["masks"],
+                                              dataset.cat_ids)
     model.train(was_training)
     return [r for part in dist.gather_objects(records) for r in part]
 

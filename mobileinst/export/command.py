@@ -67,7 +67,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=False,
                    help="also write a static int8 copy beside OUT, calibrated on --calib: "
                         "OUT-int8.onnx (onnxruntime QDQ) or OUT-int8.xml (openvino: NNCF); not "
-                        "for ncnn, executorch, litert or coreml (README, INT8)")
+                        "for ncnn, executorch, litert or coreml (docs/deployment.md, INT8)")
     p.add_argument("--calib", help="calibration images for --int8: a DATA yaml (its train images, "
                                    "never the split AP is measured on), a folder or a glob")
     p.add_argument("--calib-n", type=int, default=64, help="calibration images to use (default 64)")

@@ -2,7 +2,8 @@
 (.tflite), CoreML.
 
 Each format lives behind an optional extra (`pip install mobileinst[ncnn]`, ...) because their
-converters are large (LiteRT's pulls ~2 GB, /shared/spec/ecosystem.md §2). Every format exports the
+converters are large (LiteRT's pulls ~2 GB: jax, transformers, litert-converter; docs/deployment.md).
+Every format exports the
 same module as the raw ONNX graph (`ExportGraph`, float32 RGB 0..255 NCHW in, normalisation inside;
 outputs logits, objectness, kernels, mask_features) at a fixed size, batch 1; decode the outputs
 as the ONNX docstring (`mobileinst.export.onnx`) says. Beside each file a sidecar json
@@ -24,9 +25,9 @@ from ecosystem.md §2 and tests/test_runtimes.py:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
-import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import MobileInstError
-from ..utils import write_bytes, write_error, write_json
+from ..utils import replace_with, write_bytes, write_error, write_json
 from ..infer.fuse import fuse_conv_bn
 from ..infer.onnx_graph import ExportGraph, FeaturesGraph
 from ..models.model_info import FEATURES_OUTPUTS, INPUT_NAME, PARTS, RAW_OUTPUTS, ModelInfo, metadata_path
@@ -97,14 +98,27 @@ def to_openvino(graph: nn.Module, x: torch.Tensor, out: Path) -> Path:
 
 
 def to_ncnn(graph: nn.Module, x: torch.Tensor, out: Path) -> Path:
-    """OUT_ncnn/ with model.ncnn.param + model.ncnn.bin (pnnx's other files are removed)."""
+    """OUT_ncnn/ with model.ncnn.param + model.ncnn.bin (pnnx's other files are removed).
+
+    pnnx writes into a hidden temporary folder inside OUT_ncnn (same file system), and each file
+    is renamed into place (`replace_with`: atomic, the mode a plain write gives): a failure or a
+    kill never leaves half a file under a final name (a move from /tmp to another file system
+    was a copy). The .bin goes first, the .param (what marks the folder as an ncnn export) last.
+    A failure removes the temporary folder, and OUT_ncnn too when this call made it."""
     import pnnx
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        pt = Path(tmp) / "model.pt"
-        pnnx.export(graph, str(pt), (x,), check_trace=False, fp16=False)
-        for ext in ("ncnn.param", "ncnn.bin"):
-            shutil.move(str(pt.with_suffix("." + ext)), out / f"model.{ext}")
+    try:
+        with tempfile.TemporaryDirectory(prefix=".ncnn-", suffix=".tmp", dir=out) as tmp:
+            pt = Path(tmp) / "model.pt"
+            pnnx.export(graph, str(pt), (x,), check_trace=False, fp16=False)
+            for ext in ("ncnn.bin", "ncnn.param"):
+                replace_with(pt.with_suffix("." + ext), out / f"model.{ext}")
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when still empty
+        raise
     return out
 
 

@@ -62,10 +62,10 @@ For one padded image whose size is the original one, (labels, scores, masks) equ
 `model.postprocess` for every instance above conf (or with a non-zero score): same label,
 the same mask (IoU >= 0.99), score within 1e-5 against the graph before `conf` existed in
 onnxruntime and for this graph run in PyTorch (within 1e-4 onnxruntime vs PyTorch: the
-network's own float noise); tests/test_export_postprocess.py. A device app reads K from the output's shape and needs no threshold of
-its own when it exported with its confidence. Exported by the TorchScript fallback (when the
-dynamo exporter fails), K cannot be data-dependent: K = max_det, score 0 = empty slot
-(metadata `num_instances`: "max_det").
+network's own float noise); tests/test_export_postprocess.py. A device app reads K from the
+output's shape and needs no threshold of its own when it exported with its confidence. Exported
+by the TorchScript fallback (when the dynamo exporter fails), K cannot be data-dependent:
+K = max_det, score 0 = empty slot (metadata `num_instances`: "max_det").
 
 The work follows what is kept, not max_det. Per image: scores and labels of all N queries; the
 kernels . M product (E x H/8 x W/8 per query) and the stride-4 masks and maskness only for the

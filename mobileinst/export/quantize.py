@@ -5,8 +5,9 @@
 Calibration runs the float graph on `n` real images prepared exactly as `OnnxPredictor` prepares
 them for inference (same resize, padding and dtype), and records every activation's range
 (MinMax). Every network operator onnxruntime can quantize is quantized (U8 activations, S8
-per-channel weights: onnxruntime's fast x86 path); the post-processing nodes of a `--postprocess` graph (named `postprocess/...`)
-stay in float, so scores, rescoring and mask thresholds are computed exactly as in the float graph.
+per-channel weights: onnxruntime's fast x86 path); the post-processing nodes of a `--postprocess`
+graph (named `postprocess/...`) stay in float, so scores, rescoring and mask thresholds are computed
+exactly as in the float graph.
 """
 from __future__ import annotations
 

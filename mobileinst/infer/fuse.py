@@ -4,7 +4,8 @@
     fused.forward_raw(images)            # == model.forward_raw(images) up to float rounding
 
 Every BatchNorm2d of MobileInst directly follows a Conv2d inside an nn.Sequential (Conv2d_BN,
-ConvBN, ConvBNReLU, MobileNetV2's blocks, EfficientNet-Lite's blocks, stem and head), so fusion folds the BN's affine transform into that
+ConvBN, ConvBNReLU, MobileNetV2's blocks, EfficientNet-Lite's blocks, stem and head), so fusion
+folds the BN's affine transform into that
 convolution and replaces the BN by nn.Identity. The fused copy is for inference and export only:
 its state_dict lacks the BN keys, so never save it as a checkpoint (`is_fused(m)` tells).
 """

@@ -57,13 +57,13 @@ class ExportGraph(nn.Module):
     def tail(self, heads: dict[str, Tensor], mask_feats: Tensor, size: Sequence[Any]) -> tuple[Tensor, ...]:
         """The instance decoder's heads + M -> the post-processed outputs (everything after the
         network; benchmarks/postprocess_graph.py exports it alone)."""
-        # the one kernels . M product: the pooled class term needs every query's stride-8 mask
-        # logits, and PostProcess reuses them; without that term PostProcess makes the product
-        # for the queries it keeps only
+        # the one kernels . M product: the pooled class / objectness terms need every query's
+        # stride-8 mask logits, and PostProcess reuses them; without them PostProcess makes the
+        # product for the queries it keeps only
         m8 = None
-        if getattr(self.model, "mask_class", None) is not None:
+        if self.model.pools_masks:
             m8 = self.postprocess.product(heads["pred_kernels"], mask_feats)  # (B, N, H/8, W/8)
-        out = self.model.add_pooled_class_logits(heads, mask_feats, m8)
+        out = self.model.add_pooled_terms(heads, mask_feats, m8)
         return self.postprocess(out["pred_logits"], out["pred_scores"], out["pred_kernels"],
                                 mask_feats, size, m8)
 

@@ -23,8 +23,9 @@ class MaskChunks:
     at once, ~36 MB this way; each mask is only encoded to RLE and dropped (`result_records`)."""
 
     def __init__(self, count: int, size: tuple[int, int],
-                 make: Callable[[int, int], np.ndarray], chunk_bytes: int = MASK_CHUNK_BYTES) -> None:
+                 make: Callable[[int, int], np.ndarray], chunk_bytes: int | None = None) -> None:
         self.count, self.size, self.make = count, (int(size[0]), int(size[1])), make
+        chunk_bytes = MASK_CHUNK_BYTES if chunk_bytes is None else chunk_bytes  # read when made
         self.step = max(1, chunk_bytes // max(1, self.size[0] * self.size[1]))
 
     @property
@@ -55,7 +56,17 @@ class Result:
 
 def result_records(result: Result, image_id: int, file_name: str, cat_ids: list[int]) -> list[dict]:
     """COCO-style records of one image (original category ids, RLE masks, boxes from the masks)."""
-    records = []
+    records: list[dict] = []
+    for _ in recorded_masks(result, image_id, file_name, cat_ids, records):
+        pass
+    return records
+
+
+def recorded_masks(result: Result, image_id: int, file_name: str, cat_ids: list[int],
+                   records: list[dict]) -> Iterator[np.ndarray]:
+    """`result`'s masks (H, W) in order, each appended to `records` as its `result_records`
+    record before it is yielded: one pass over the masks for both the records and an overlay
+    (`predict`), so a lazy Result's (`MaskChunks`) masks are made once and never all held."""
     for label, name, score, mask in zip(result.labels, result.names, result.scores, result.masks):
         rle = encode_mask(mask)
         records.append({"image_id": image_id, "file_name": file_name,
@@ -63,7 +74,7 @@ def result_records(result: Result, image_id: int, file_name: str, cat_ids: list[
                         "score": round(float(score), 5), "segmentation": rle,
                         "bbox": [round(float(v), 2) for v in mask_utils.toBbox(rle)],
                         "area": int(mask.sum())})
-    return records
+        yield mask
 
 
 def postprocessed_result(out: dict[str, np.ndarray], i: int, size: tuple[int, int],

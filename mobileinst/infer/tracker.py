@@ -1,7 +1,7 @@
 """Kernel association and track bookkeeping for streaming video instance segmentation.
 
-Association (/shared/spec/mobileinst.md, "Video", kernel association; the MinVIS way, NVlabs/MinVIS
-`match_from_embds`): the kernels of the current key frame are L2-normalised, compared with those of
+Association (MobileInst paper, arXiv 2303.17594: kernel association; the MinVIS way,
+NVlabs/MinVIS `match_from_embds`): the kernels of the current key frame are L2-normalised, compared with those of
 the previous key frame by cosine similarity cos = cur . prev^T (N x N), and the Hungarian algorithm
 on 1 - cos permutes the current queries into the previous order. The reference is the previous key
 frame only and there is no similarity threshold: a track's identity is its query *slot*.

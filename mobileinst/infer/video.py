@@ -4,7 +4,7 @@
     for rgb in frames:
         out = vp.step(rgb)      # TrackedFrame: track ids, labels, scores, masks at the frame's size
 
-Kernel reuse (/shared/spec/mobileinst.md, "Video"): every `reuse`-th frame is a KEY frame and runs
+Kernel reuse (MobileInst paper, arXiv 2303.17594): every `reuse`-th frame is a KEY frame and runs
 the whole network (backbone + SEMD + instance decoder); the frames in between run backbone + SEMD
 only and dot their mask features with the last key frame's kernels (M_{t+i} = K_t . X_mask^{t+i}).
 reuse = 1 runs the full model on every frame. Key-frame kernels are associated with the previous

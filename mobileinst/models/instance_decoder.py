@@ -1,6 +1,9 @@
 """Dual-transformer instance decoder of MobileInst, with its prediction heads.
 
-Source: /shared/spec/mobileinst.md, "Network (image)" item 3. N learnable queries attend first
+Source: the MobileInst paper (Zhang et al., AAAI 2024, arXiv 2303.17594: the dual-transformer
+instance decoder); widths from the public
+reproduction (Ambitious-idiot/MobileInst-Reproduction, `mobileinst/decoder.py`, `config.py`).
+N learnable queries attend first
 to the global semantics (X6, stride 64: the *global* layer), then to the local features (F_mask
 max-pooled to 1/64 of the input: the *local* layer); each cross-attention is followed by query
 self-attention; then one FFN and a final LayerNorm (pre-norm throughout). Heads predict class

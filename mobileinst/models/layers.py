@@ -4,7 +4,7 @@ Module and child names follow the official releases (hustvl/TopFormer
 `mmseg/models/backbones/topformer.py`, fudan-zvg/SeaFormer
 `seaformer-seg/mmseg/models/backbones/seaformer.py`; both define the same `Conv2d_BN`,
 `InvertedResidual` and `Mlp`), so that their checkpoints load with unchanged keys.
-See /shared/spec/backbones.md, TopFormer "Structure" items 1 and 3.
+See hustvl/TopFormer `mmseg/models/backbones/topformer.py`: `Conv2d_BN`, `InvertedResidual`, `Mlp`.
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Semantic-enhanced mask decoder (SEMD) of MobileInst.
 
-Source: /shared/spec/mobileinst.md, "Network (image)" item 2 (the public reproduction's
-`SEMaskEncoder`). It fuses the backbone's local features X3..X5 (strides 8, 16, 32) with the
-global semantics X6 (stride 64) and returns one stride-8 map F_mask plus the mask features M
+Source: the MobileInst paper (Zhang et al., AAAI 2024, arXiv 2303.17594: the semantic-enhanced
+mask decoder) and its public reproduction (Ambitious-idiot/MobileInst-Reproduction,
+`mobileinst/encoder.py`, `SEMaskEncoder`). It fuses the backbone's local features X3..X5 (strides
+8, 16, 32) with the global semantics X6 (stride 64) and returns one stride-8 map F_mask plus the mask features M
 that the instance kernels are dotted with.
 
 The width D and the 3x3 convolution type are configurable: the reproduction's widths (D = 256,

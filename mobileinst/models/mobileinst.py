@@ -37,7 +37,7 @@ class MobileInst(nn.Module):
         self.mask_decoder = SemanticEnhancedMaskDecoder(
             self.backbone.out_channels, cfg.mask_dim, cfg.fusion_conv, cfg.kernel_dim,
             cfg.mask_coords, project=cfg.mask_stride == 8)
-        # optional: M at stride 4 from the backbone's stride-4 stage (small objects; README)
+        # optional: M at stride 4 from the backbone's stride-4 stage (small objects; docs/learning.md)
         self.mask_stride4 = (Stride4MaskFeatures(self.backbone.stride4_channels, cfg.mask_dim,
                                                  cfg.kernel_dim) if cfg.mask_stride == 4 else None)
         self.instance_decoder = DualTransformerDecoder(
@@ -45,11 +45,16 @@ class MobileInst(nn.Module):
             num_classes=cfg.num_classes, num_queries=cfg.num_queries, dim=cfg.hidden_dim,
             heads=cfg.num_heads, ffn_dim=cfg.ffn_dim, kernel_dim=cfg.kernel_dim,
             local_pool=cfg.local_pool, query_groups=cfg.query_groups, query_proposal=cfg.query_proposal)
-        # optional: class evidence from the mask features under each query's own mask (README)
+        # optional: class evidence from the mask features under each query's own mask (docs/design.md)
         self.mask_class = nn.Linear(cfg.kernel_dim, cfg.num_classes) if cfg.mask_pooled_cls else None
         if self.mask_class is not None:
             nn.init.normal_(self.mask_class.weight, std=0.01)
             nn.init.zeros_(self.mask_class.bias)
+        # optional: objectness (the ranking's quality term) from the mean and spread of M under the mask
+        self.mask_quality = nn.Linear(2 * cfg.kernel_dim, 1) if cfg.mask_pooled_obj else None
+        if self.mask_quality is not None:  # starts as the query's own objectness
+            nn.init.zeros_(self.mask_quality.weight)
+            nn.init.zeros_(self.mask_quality.bias)
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
         self.inference = InferenceConfig()
@@ -85,28 +90,47 @@ class MobileInst(nn.Module):
         """Kernels (B, N, E) . M (B, E, h, w) -> mask logits (B, N, 2h, 2w) at stride 4."""
         return self.to_stride4(self.mask_logits(kernels, mask_feats))
 
-    def add_pooled_class_logits(self, out: dict[str, Tensor], mask_feats: Tensor,
-                                mask_logits: Tensor | None = None) -> dict[str, Tensor]:
-        """With cfg.mask_pooled_cls, add to out["pred_logits"] (B, N, C) a linear map of M averaged
-        under each query's own stride-8 mask (`mask_logits`, computed here if not given). The mask
-        weights are detached, so the class loss cannot reshape a query's mask (its kernel gets no
-        gradient from here); M, shared by all queries, does get the class gradient.
-        A query's class then sees the object its kernel segments, not only what its attention
-        pooled (README, "The demo"). Every path that decodes instances calls this."""
-        if self.mask_class is None:
+    @property
+    def pools_masks(self) -> bool:
+        """True when a head reads M under every query's mask (`add_pooled_terms`): then every
+        query's mask logits are needed, not only the kept ones'."""
+        return self.mask_class is not None or self.mask_quality is not None
+
+    def add_pooled_terms(self, out: dict[str, Tensor], mask_feats: Tensor,
+                         mask_logits: Tensor | None = None) -> dict[str, Tensor]:
+        """The heads that read the mask features M under each query's own stride-8 mask
+        (`mask_logits`, computed here if not given), with w = sigmoid(mask logits), detached, so
+        these losses cannot reshape a query's mask (its kernel gets no gradient from here); M,
+        shared by all queries, does get their gradient:
+            mean   = sum(w M) / (sum(w) + 1)                                (B, N, E)
+            spread = sum(w M^2) / (sum(w) + 1) - mean^2                     (B, N, E)
+        cfg.mask_pooled_cls: pred_logits += Linear(mean): a query's class sees the object its
+        kernel segments, not only what its attention pooled (docs/design.md);
+        cfg.mask_pooled_obj: pred_scores += Linear([mean, spread]): the objectness, which ranks the
+        masks (trained to the matched mask's IoU), sees how uniform the features under the mask
+        are (a mask spilling over the background pools mixed features). Every path that decodes
+        instances calls this."""
+        if not self.pools_masks:
             return out
         if mask_logits is None:
             mask_logits = self.mask_logits(out["pred_kernels"], mask_feats)
         m = mask_feats.flatten(2)  # (B, E, h*w)
         weight = mask_logits.flatten(2).sigmoid().detach()  # (B, N, h*w)
-        pooled = torch.bmm(weight, m.transpose(1, 2)) / (weight.sum(-1, keepdim=True) + 1.0)  # (B, N, E)
-        return {**out, "pred_logits": out["pred_logits"] + self.mask_class(pooled)}
+        norm = weight.sum(-1, keepdim=True) + 1.0  # (B, N, 1)
+        mean = torch.bmm(weight, m.transpose(1, 2)) / norm  # (B, N, E)
+        out = dict(out)
+        if self.mask_class is not None:
+            out["pred_logits"] = out["pred_logits"] + self.mask_class(mean)
+        if self.mask_quality is not None:
+            spread = torch.bmm(weight, (m * m).transpose(1, 2)) / norm - mean * mean  # (B, N, E)
+            out["pred_scores"] = out["pred_scores"] + self.mask_quality(torch.cat([mean, spread], -1))
+        return out
 
     def decode(self, heads: dict[str, Tensor], mask_feats: Tensor) -> dict[str, Tensor]:
         """The instance decoder's heads + M -> raw outputs: class logits (with the pooled term when
         configured) and pred_masks at stride 4; the kernel . M product is computed once for both."""
         m8 = self.mask_logits(heads["pred_kernels"], mask_feats)  # (B, N, h, w)
-        out = dict(self.add_pooled_class_logits(heads, mask_feats, m8))
+        out = dict(self.add_pooled_terms(heads, mask_feats, m8))
         out["pred_masks"] = self.to_stride4(m8)
         return out
 
@@ -147,7 +171,7 @@ class MobileInst(nn.Module):
         features M (B, E, H/8, W/8). No mask is computed here: `decode_instances` makes the masks
         of the queries it keeps."""
         mask_feats, f_mask, x6 = self.features(images)
-        out = self.add_pooled_class_logits(self.instance_decoder(x6, f_mask), mask_feats)
+        out = self.add_pooled_terms(self.instance_decoder(x6, f_mask), mask_feats)
         return out["pred_logits"], out["pred_scores"], out["pred_kernels"], mask_feats
 
     def forward(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None,

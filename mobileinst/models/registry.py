@@ -2,8 +2,8 @@
 
 The defaults are the light decoder (D = 128, depthwise-separable fusion convolutions, hidden 128,
 4 heads, FFN 256); the `-repro` variants use the public reproduction's widths (D = 256, full 3x3
-convolutions, hidden 256, 8 heads, FFN 512), as /shared/spec/mobileinst.md ("Cost, and the width
-of the mask decoder") asks, so both can be measured side by side.
+convolutions, hidden 256, 8 heads, FFN 512; Ambitious-idiot/MobileInst-Reproduction
+`configs/Base-MobileInst.yaml`), so both can be measured side by side (docs/models.md, docs/design.md).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class ModelConfig:
     mask_dim: int = 128  # D of the mask decoder
     fusion_conv: str = "dw"  # 'dw' (depthwise-separable 3x3) or 'full' (3x3)
     kernel_dim: int = 128  # E: mask-feature channels = kernel length (spec item 2)
-    mask_coords: bool = False  # x/y channels into M (SparseInst CoordConv); hurt on the synthetic set (README)
+    mask_coords: bool = False  # x/y channels into M (SparseInst CoordConv); hurt on the synthetic set (docs/design.md)
     hidden_dim: int = 128  # instance decoder width
     num_heads: int = 4
     ffn_dim: int = 256
@@ -30,7 +30,10 @@ class ModelConfig:
     local_pool: int = 8  # F_mask (stride 8) max-pooled by 8 -> 1/64 of the input (paper)
     mask_upsample: int = 2  # mask logits -> stride 4 (SparseInst SCALE_FACTOR 2 from stride 8; 1 from 4)
     mask_stride: int = 8  # M's stride: 8 (paper), or 4 with a lateral from the backbone's stride-4 stage
-    mask_pooled_cls: bool = False  # add class logits from M pooled under each query's mask (README)
+    mask_pooled_cls: bool = False  # add class logits from M pooled under each query's mask (docs/design.md)
+    # add to the objectness a linear map of the mean and spread of M under each query's mask: a mask
+    # quality cue for the ranking (Mask Scoring R-CNN's idea, on the pooled features; docs/learning.md)
+    mask_pooled_obj: bool = False
     aux_loss: bool = False  # training only: the global layer's queries predict too (deep supervision)
     query_groups: int = 1  # training only: G copies of the queries, each matched on its own (Group DETR)
     query_proposal: bool = False  # queries taken from the image at its top-k class peaks (FastInst)

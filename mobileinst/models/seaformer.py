@@ -2,7 +2,7 @@
 
 Source: fudan-zvg/SeaFormer (commit 9718d05), `seaformer-seg/mmseg/models/backbones/seaformer.py`
 (the modules) and `seaformer-seg/local_configs/seaformer/seaformer_{tiny,small,base,large}.py`
-(the variants); see /shared/spec/backbones.md, section "SeaFormer". The state_dict keys are
+(the variants); the paper: Wan et al., "SeaFormer", ICLR 2023. The state_dict keys are
 exactly the official ones (`smb1..smb5.*`, `trans1..transK.*`), so the ImageNet checkpoints
 load unchanged.
 
@@ -44,7 +44,7 @@ class SeaFormerConfig:
 
 
 # Every number from fudan-zvg/SeaFormer seaformer-seg/local_configs/seaformer/seaformer_{tiny,small,
-# base,large}.py (spec: /shared/spec/backbones.md, SeaFormer "Variants (from the configs)").
+# base,large}.py (the `model = dict(backbone=dict(cfgs=..., channels=..., emb_dims=...))` entries).
 SEAFORMER_CONFIGS: dict[str, SeaFormerConfig] = {
     "t": SeaFormerConfig(
         cfgs=(

@@ -1,8 +1,8 @@
 """TopFormer backbone (Zhang et al., CVPR 2022), faithful to the official release.
 
 Source: hustvl/TopFormer, `mmseg/models/backbones/topformer.py` (the modules) and
-`local_configs/topformer/topformer_{tiny,small,base}.py` (the variants); see
-/shared/spec/backbones.md, section "TopFormer". The state_dict keys are exactly the official
+`local_configs/topformer/topformer_{tiny,small,base}.py` (the variants); the paper: Zhang et al.,
+"TopFormer", CVPR 2022. The state_dict keys are exactly the official
 ones (`tpm.*`, `trans.*`, `SIM.*`), so the ImageNet checkpoints `topformer-{T,S,B}-224-*.pth`
 load unchanged (an ImageNet checkpoint lacks `SIM.*`: see `optional_key_prefixes`).
 
@@ -59,7 +59,7 @@ class TopFormerConfig:
 
 
 # Every number from hustvl/TopFormer local_configs/topformer/topformer_{tiny,small,base}.py
-# (spec: /shared/spec/backbones.md, "Variants (from the configs)").
+# (the `model = dict(backbone=dict(cfgs=..., channels=..., out_channels=...))` entries).
 TOPFORMER_CONFIGS: dict[str, TopFormerConfig] = {
     "t": TopFormerConfig(
         cfgs=(

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
+from .tf_mobilenetv2 import load_tf_mobilenetv2
 
 # wrappers of a state_dict, in the order the official loaders try them
 _WRAPPER_KEYS = ("state_dict_ema", "state_dict", "model")
@@ -68,7 +69,8 @@ class LoadReport:
         if self.ignored:
             text += f"; {self.num_ignored} checkpoint tensors ignored ({', '.join(_groups(self.ignored))})"
         if self.unexpected:
-            text += f"; warning: {len(self.unexpected)} of them are under the backbone's modules, e.g. '{self.unexpected[0]}'"
+            text += (f"; warning: {len(self.unexpected)} of them are under the backbone's modules, "
+                     f"e.g. '{self.unexpected[0]}'")
         return text
 
 
@@ -116,11 +118,15 @@ def _backbone_of(model: nn.Module) -> nn.Module:
 
 
 def _read(path: Path) -> object:
-    """torch.load(path, weights_only=True), every failure turned into a one-line CheckpointError."""
+    """torch.load(path, weights_only=True), every failure turned into a one-line CheckpointError;
+    a `.pb` file is a frozen TensorFlow graph with a MobileNetV2 feature extractor (SSD / SSDLite),
+    converted to torchvision's layout (`tf_mobilenetv2`)."""
     if not path.exists():
         raise CheckpointError(f"checkpoint {path}: file not found")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: not a file")
+    if path.suffix == ".pb":
+        return load_tf_mobilenetv2(path)
     try:
         with open(path, "rb") as f:
             head = f.read(4)

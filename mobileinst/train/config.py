@@ -1,8 +1,10 @@
 """Training configuration: one dataclass, filled from a YAML preset and/or CLI options.
 
-Defaults follow the MobileInst/SparseInst recipe (/shared/spec/mobileinst.md "Training (image)",
-/shared/spec/training.md §4): AdamW lr 5e-5, weight decay 0.05, backbone lr x 0.5, 1000 warm-up
-iterations, lr x 0.1 at 210/270 and 250/270 of the run, short side 416..640, long side <= 853.
+Defaults follow the MobileInst/SparseInst recipe (the MobileInst public reproduction,
+Ambitious-idiot/MobileInst-Reproduction `configs/Base-MobileInst.yaml`; hustvl/SparseInst
+`configs/Base-SparseInst.yaml` and detectron2's `WarmupMultiStepLR`): AdamW lr 5e-5, weight decay
+0.05, backbone lr x 0.5, 1000 warm-up iterations, lr x 0.1 at 210/270 and 250/270 of the run, short
+side 416..640, long side <= 853.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from .schedule import SCHEDULES
 
 
 CLASS_LOSSES = ("focal", "ia_bce")  # SparseInst's sigmoid focal loss; LW-DETR / RF-DETR's IoU-aware BCE
+# `loss_weights` keys: the weighted terms of MobileInstCriterion (loss_cls, loss_dice, loss_mask, loss_obj)
+LOSS_TERMS = ("cls", "dice", "mask", "obj")
 MASK_LOSS_STRIDES = (1, 2, 4)  # the mask losses' grid: 4 = the predicted masks' own, 2 and 1 upsampled
 PRESETS = Path(__file__).resolve().parent.parent / "configs"  # the package's YAML presets
 
@@ -54,7 +58,7 @@ class TrainConfig:
     schedule: str = "step"  # lr decay: 'step' (x0.1 at 210/270, 250/270: the paper's) or 'linear' (to 0)
     grad_clip: float = 0.0  # max gradient norm; 0 = off (the recipe's default)
     amp: bool = False  # bf16 autocast on CPU, fp16 + GradScaler on CUDA
-    channels_last: bool = True  # NHWC weights and batches: ~1.3x faster CPU steps here (README)
+    channels_last: bool = True  # NHWC weights and batches: ~1.3x faster CPU steps here (docs/performance.md)
     freeze_backbone_bn: bool = False  # backbone BatchNorm: ImageNet statistics and affine kept (small batches)
     ema: bool = False
     ema_decay: float = 0.9999
@@ -66,10 +70,13 @@ class TrainConfig:
     color_jitter: float = 0.0  # brightness/contrast/saturation factors in [1 - c, 1 + c]; 0 = off
     cls_loss: str = "focal"  # 'focal' (SparseInst) or 'ia_bce' (IoU-aware BCE, LW-DETR / RF-DETR)
     mask_loss_stride: int = 4  # grid of the mask losses: 4 = the predicted masks' (SparseInst), 2 or 1 upsampled
+    # weights of the criterion's terms over its defaults (SparseInst's cls 2, dice 2, mask 5, obj 1),
+    # e.g. {dice: 5} (Mask2Former / FastInst weigh dice 5); YAML only
+    loss_weights: dict = field(default_factory=dict)
     aspect_grouping: bool = True  # batches of landscape or of portrait images only (train/sampler.py)
     eval_interval: int = 0  # iterations between evaluations; 0 -> once per epoch
     save_interval: int = 0  # iterations between last.pt saves; 0 -> eval_interval
-    backbone_weights: str = ""  # 'imagenet' (installed file, models/pretrained.py) or a checkpoint path
+    backbone_weights: str = ""  # 'imagenet' / 'ssdlite' (installed files, models/pretrained.py) or a checkpoint path
     device: str = "auto"  # auto | cpu | cuda
     num_queries: int = 100
     model_overrides: dict = field(default_factory=dict)  # other ModelConfig fields, e.g. {local_pool: 4}
@@ -114,6 +121,14 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise MobileInstError(f"{source}: {name} must be one of {', '.join(map(str, allowed))}, "
                                       f"got {getattr(self, name)!r}")
+        for key, value in self.loss_weights.items():
+            if key not in LOSS_TERMS:
+                raise MobileInstError(f"{source}: loss_weights: unknown term {key!r}; "
+                                      f"known: {', '.join(LOSS_TERMS)}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not (math.isfinite(value) and 0 <= value <= 100):
+                raise MobileInstError(f"{source}: loss_weights: {key} must be a number in [0, 100], "
+                                      f"got {value!r}")
         if self.schedule not in SCHEDULES:
             raise MobileInstError(f"{source}: schedule must be one of {', '.join(SCHEDULES)}, "
                                   f"got {self.schedule!r}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -183,7 +182,8 @@ class Trainer:
             self.frozen_bn += [m for block in freeze_backbone(self.model, cfg.freeze_at)
                                for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         self.criterion = MobileInstCriterion(HungarianMatcher(), num_classes=len(self.class_names),
-                                             mask_loss_stride=cfg.mask_loss_stride, cls_loss=cfg.cls_loss)
+                                             mask_loss_stride=cfg.mask_loss_stride, cls_loss=cfg.cls_loss,
+                                             weights={f"loss_{k}": float(v) for k, v in cfg.loss_weights.items()})
         self.video = getattr(self.train_set, "is_video", False)
         net, self.loss_fn = self.model, self.criterion
         if self.video and (self.model_cfg.query_proposal or self.model_cfg.query_groups > 1

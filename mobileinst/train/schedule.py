@@ -4,7 +4,8 @@ The lr factor is a function of the iteration (for the warm-up) and of the run's 
 [0, 1]: iterations done / total for a run of --iters/--epochs, seconds spent / budget for a run
 of --time (`Trainer`), so a wall-clock budget gets the whole schedule whatever the machine's speed.
 
-- `step`: the SparseInst/MobileInst recipe (/shared/spec/training.md §4): lr x 0.1 at 210/270 and
+- `step`: the SparseInst/MobileInst recipe (hustvl/SparseInst `configs/Base-SparseInst.yaml`:
+  270k iterations, steps at 210k and 250k): lr x 0.1 at 210/270 and
   250/270 of the run (detectron2's WarmupMultiStepLR, with the milestones as fractions).
 - `linear`: linear decay to zero at the end of the run, which beats step schedules at small
   budgets (Li, Yumer, Ramanan, "Budgeted Training", ICLR 2020).

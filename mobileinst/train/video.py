@@ -1,4 +1,5 @@
-"""Video training with temporal query passing (/shared/spec/mobileinst.md, "Video").
+"""Video training with temporal query passing (the MobileInst paper, Zhang et al., AAAI 2024,
+arXiv 2303.17594).
 
 A batch holds B clips of two frames t and t + d (`data.ytvis.YtvisClips`, d in 1..max_gap), stacked
 as images (2B, 3, H, W) = [the B frames t; the B frames t + d]. One forward pass:
