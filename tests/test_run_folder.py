@@ -103,13 +103,16 @@ def test_a_killed_run_does_not_stay_locked_by_its_forked_children(tmp_path):
         "from mobileinst.train.run_dir import RunLock\n"
         "lock = RunLock(Path(sys.argv[1]))\n"
         "child = os.fork()\n"
-        "if child == 0:\n"
-        "    time.sleep(60); os._exit(0)\n"
+        "if child == 0:\n"  # past the at-fork handler once it runs Python: it says so
+        "    print('ready', flush=True); time.sleep(60); os._exit(0)\n"
         "print(child, flush=True)\n"
         "time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "run")],
                             stdout=subprocess.PIPE, text=True)
-    child = int(proc.stdout.readline())
+    # both lines, in either order: until the child has run, its copy of the fd holds the lock
+    # (a busy machine may not schedule it before the kill)
+    lines = {proc.stdout.readline().strip() for _ in range(2)}
+    child = int(next(line for line in lines if line != "ready"))
     try:
         with pytest.raises(MobileInstError, match="another training is writing"):
             RunLock(tmp_path / "run")  # the run holds it
