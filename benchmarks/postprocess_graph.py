@@ -203,8 +203,8 @@ def heads_of(model: nn.Module, batch: np.ndarray) -> tuple[np.ndarray, ...]:
 @torch.no_grad()
 def synthetic_inputs(model: nn.Module, h: int, w: int, k: int, seed: int = 0) -> tuple[np.ndarray, ...]:
     """Tail inputs of a synthetic photo where exactly `k` queries have a high pre-score
-    (0.55..0.95) and the others a low one (0.01..0.25); with the pooled class term, the logits
-    given are such that the final logits (after the term) have those scores."""
+    (0.55..0.95) and the others a low one (0.01..0.25); with the pooled class / objectness terms,
+    the logits and objectness given are such that the final ones (after the terms) have those scores."""
     from mobileinst.infer.onnx_graph import example_images, to_input
     rng = np.random.default_rng(seed)
     logits, obj, kernels, mf = heads_of(model, to_input(example_images(1, h, w, seed=seed), "float32"))
@@ -215,11 +215,12 @@ def synthetic_inputs(model: nn.Module, h: int, w: int, k: int, seed: int = 0) ->
     p = pre ** 2  # pre = sqrt(p_cls * p_obj) with p_obj = sigmoid(12) ~ 1
     target[0, np.arange(n), rng.integers(0, c, n)] = np.log(p / (1 - p))
     obj = np.full_like(obj, 12.0)
-    if getattr(model, "mask_class", None) is not None:  # undo the pooled class term
+    if model.pools_masks:  # undo the pooled class / objectness terms
         heads = {"pred_logits": torch.zeros_like(torch.from_numpy(target)),
-                 "pred_scores": torch.from_numpy(obj), "pred_kernels": torch.from_numpy(kernels)}
-        term = model.add_pooled_terms(heads, torch.from_numpy(mf))["pred_logits"].numpy()
-        target = target - term
+                 "pred_scores": torch.zeros_like(torch.from_numpy(obj)), "pred_kernels": torch.from_numpy(kernels)}
+        terms = model.add_pooled_terms(heads, torch.from_numpy(mf))
+        target = target - terms["pred_logits"].numpy()
+        obj = obj - terms["pred_scores"].numpy()
     return target.astype(np.float32), obj, kernels, mf
 
 

@@ -23,7 +23,7 @@ from .data.sources import list_sources
 from .errors import DataError, MobileInstError
 from .infer.factory import load_predictor
 from .infer.predictor import Predictor
-from .infer.results import recorded_masks
+from .infer.results import recorded_masks, result_records
 from .train.run_dir import claim_new_run_dir  # runs/predict/expN, claimed atomically as training's
 from .utils import IMGSZ_RANGE, folder_lock, write_json
 from .viz import color, draw_instances, save_rgb
@@ -182,12 +182,10 @@ def _predict_file(predictor: Predictor, path: Path, image_id: int, cat_ids: list
         log.warning("skipped: %s", e)
         return None
     result = predictor(image, lazy_masks=True)
+    if overlay_path is None:
+        return result_records(result, image_id, str(path), cat_ids)
     records: list[dict] = []
     masks = recorded_masks(result, image_id, str(path), cat_ids, records)
-    if overlay_path is None:
-        for _ in masks:
-            pass
-        return records
     labels = [f"{n} {s:.2f}" for n, s in zip(result.names, result.scores)]
     overlay = draw_instances(image, masks, labels, [color(k) for k in range(len(result))])
     save_rgb(overlay_path, overlay)
