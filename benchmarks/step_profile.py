@@ -81,7 +81,8 @@ def worker(job: dict) -> dict:
         for bn in trainer.frozen_bn:
             bn.eval()
         images = images.contiguous(memory_format=trainer.memory_format)
-        outputs = trainer.ddp(images)
+        with torch.autocast(trainer.device.type, dtype=trainer.amp_dtype, enabled=trainer.amp):
+            outputs = trainer.ddp(images)  # as Trainer.step: the forward under autocast, the loss not
         t2 = time.perf_counter()
         spent["matcher"] = 0.0
         loss = trainer.loss_fn(outputs, targets)["loss"]

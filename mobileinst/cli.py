@@ -123,6 +123,8 @@ TRAIN_SWITCHES = {  # boolean TrainConfig fields, settable both ways on the CLI
     "freeze_backbone_bn": "keep the pretrained backbone's BatchNorm statistics and affine fixed "
                           "(small batches); default off, on in the hard_cpu preset",
     "channels_last": "NHWC weights and batches (faster CPU steps); default on",
+    "fold_frozen_bn": "compute frozen BatchNorms inside their convolutions in training steps (same "
+                      "math, faster); default on",
     "aspect_grouping": "batches of landscape or of portrait images only; default on",
     "exist_ok": "let a fresh run replace the run already in --out-dir; default off (refuse)",
 }

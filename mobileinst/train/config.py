@@ -57,9 +57,12 @@ class TrainConfig:
     warmup_iters: int = 1000  # capped at a quarter of the run
     schedule: str = "step"  # lr decay: 'step' (x0.1 at 210/270, 250/270: the paper's) or 'linear' (to 0)
     grad_clip: float = 0.0  # max gradient norm; 0 = off (the recipe's default)
-    amp: bool = False  # bf16 autocast on CPU, fp16 + GradScaler on CUDA
+    # mixed precision: bf16 autocast on CPU, fp16 + GradScaler on CUDA; 'auto': on CUDA, and on
+    # CPUs with native bf16 (AVX512-BF16 or AMX), where it is faster (train/precision.py)
+    amp: bool | str = False
     channels_last: bool = True  # NHWC weights and batches: ~1.3x faster CPU steps here (docs/performance.md)
     freeze_backbone_bn: bool = False  # backbone BatchNorm: ImageNet statistics and affine kept (small batches)
+    fold_frozen_bn: bool = True  # frozen BNs computed inside their convolutions in training steps (train/fold_bn.py)
     ema: bool = False
     ema_decay: float = 0.9999
     ema_tau: int = 2000  # EMA ramp: decay x (1 - exp(-updates / ema_tau))
@@ -129,6 +132,8 @@ class TrainConfig:
                     not (math.isfinite(value) and 0 <= value <= 100):
                 raise MobileInstError(f"{source}: loss_weights: {key} must be a number in [0, 100], "
                                       f"got {value!r}")
+        if isinstance(self.amp, str) and self.amp != "auto":
+            raise MobileInstError(f"{source}: amp must be true, false or auto, got {self.amp!r}")
         if self.schedule not in SCHEDULES:
             raise MobileInstError(f"{source}: schedule must be one of {', '.join(SCHEDULES)}, "
                                   f"got {self.schedule!r}")
@@ -152,17 +157,18 @@ _TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false"
 
 
 def typed(source: str, key: str, value: Any, type_name: str) -> Any:
-    """value if it has the field's type (an int where a float is due becomes a float; None where
-    the type is `X | None`), else a MobileInstError naming the option (YAML `batch: two`,
-    `amp: "yes"`)."""
-    base, _, optional = str(type_name).partition(" | ")
-    if value is None and optional == "None":
+    """value if it has the field's type, or one of them for a union (an int where a float is due
+    becomes a float; None where the type admits None), else a MobileInstError naming the option
+    (YAML `batch: two`, `amp: "yes"`)."""
+    parts = str(type_name).split(" | ")
+    if value is None and "None" in parts:
         return None
-    ok = _TYPES[base]
-    if isinstance(value, bool) and bool not in ok or not isinstance(value, ok):
-        raise MobileInstError(f"{source}: {key} must be {_TYPE_NAMES[base]}"
-                              f"{' or null' if optional else ''}, got {value!r}")
-    return float(value) if base == "float" else value
+    for base in (p for p in parts if p != "None"):
+        ok = _TYPES[base]
+        if isinstance(value, ok) and not (isinstance(value, bool) and bool not in ok):
+            return float(value) if base == "float" else value
+    names = " or ".join([_TYPE_NAMES[p] for p in parts if p != "None"] + ["null"] * ("None" in parts))
+    raise MobileInstError(f"{source}: {key} must be {names}, got {value!r}")
 
 
 # What `--resume` may change: how long the run goes on and how it is watched, not what it learns.

@@ -41,6 +41,8 @@ from .. import dist
 from .config import TrainConfig, resumed_config
 from .data import build_train_loader, build_val_set
 from .ema import ModelEMA
+from . import precision
+from .fold_bn import fold_frozen_batchnorms
 from .losses import MobileInstCriterion
 from .matcher import HungarianMatcher
 from .run_dir import RunLock, claim_new_run_dir, clear_run, holds_run, remove_stale_temporaries
@@ -196,10 +198,13 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.lr,
                                            fused=self.device.type in ("cpu", "cuda"))
         self.scheduler = LrSchedule(self.optimizer, cfg.schedule, cfg.warmup_iters)
-        use_cuda_amp = cfg.amp and self.device.type == "cuda"
+        self.amp = precision.use_amp(cfg.amp, self.device)
+        use_cuda_amp = self.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_cuda_amp)
         self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         self.ema = ModelEMA(self.model, cfg.ema_decay, cfg.ema_tau) if cfg.ema else None
+        if cfg.fold_frozen_bn:  # after the EMA's copy: only the training model's steps change
+            fold_frozen_batchnorms(self.model, self.frozen_bn)
         self.iteration, self.best_ap = 0, -1.0
         self.clock, self.elapsed = clock, 0.0  # seconds on the training clock (kept on resume)
         self._t_last, self._last_plot, self._row_start = 0.0, 0.0, (0, 0.0)
@@ -368,6 +373,8 @@ class Trainer:
                   f"run folder {self.out}")
         if self.weights_report:  # in train.log too, which exists only from here on
             self._log(self.weights_report)
+        if self.cfg.amp:
+            self._log(precision.describe(self.cfg.amp, self.amp, self.device))
         bar = tqdm(total=self.total or None, initial=self.iteration, disable=not dist.is_main(),
                    desc="train", dynamic_ncols=True)
         self._t_last = self.clock()  # the training clock runs from here, plus what a resume had
@@ -415,7 +422,7 @@ class Trainer:
         images = images.to(self.device, memory_format=self.memory_format, non_blocking=True)
         targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()}
                    for t in targets]
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.cfg.amp):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             outputs = self.ddp(images)
         losses = self.loss_fn(outputs, targets)
         loss = losses["loss"]
