@@ -39,7 +39,8 @@ def _close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-9) -> bool:
 def _outputs_and_grads(model: torch.nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
     model.zero_grad(set_to_none=True)
     out = model(x)
-    tensors = [v for v in (out.values() if isinstance(out, dict) else out) if torch.is_tensor(v) and v.is_floating_point()]
+    values = out.values() if isinstance(out, dict) else out
+    tensors = [v for v in values if torch.is_tensor(v) and v.is_floating_point()]
     sum(t.float().square().mean() for t in tensors).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return [t.detach() for t in tensors], grads
