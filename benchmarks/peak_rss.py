@@ -1,6 +1,6 @@
 """Peak resident memory of `mobileinst predict`, `train` and `val` at the sizes of issue 23.
 
-    python benchmarks/peak_rss.py                          # the three rows below
+    python benchmarks/peak_rss.py                          # the four rows below
     python benchmarks/peak_rss.py --rows val --out peak_rss.md
     python benchmarks/peak_rss.py --rows predict train --imgsz 1024 2048 4096 --mem-cap 12
     python benchmarks/peak_rss.py --rows train --batch 16 --imgsz 640 --mem-cap 20   # the default recipe
@@ -15,7 +15,10 @@ included):
   (B x S x round(S * 853 / 640), the size `train`'s memory check assumes), to compare with
   `mobileinst.utils.TRAIN_BYTES_PER_PIXEL` (docs/reliability.md: 1210-1370 at 640 x 16 by /usr/bin/time);
 - val: one 6000x6000 photo at the checkpoint's size (640): 100 kept instances, whose full-size
-  masks were 3.6 GB at once before they were made a few at a time (issue 23).
+  masks were 3.6 GB at once before they were made a few at a time (issue 23);
+- predict-conf0: the same 6000x6000 photo through `predict --conf 0` (every query with a mask is
+  kept, encoded and drawn on the overlay: 4.4 GB before `predict` made its masks a few at a time,
+  1.2 GB after; docs/reliability.md, "Fourth round").
 predict and val run MobileInst-TopFormer-T with random weights, 80 classes (predict_memory's
 checkpoint; random weights keep no instance at conf 0.3 and 100 at val's 0.005, almost all
 covering the photo: val's worst case). A run refused up front (exit 2, e.g. `--imgsz` beyond the
@@ -44,7 +47,7 @@ from recipe_seeds import cpu_model
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ROWS = ("predict", "train", "val")
+ROWS = ("predict", "train", "val", "predict-conf0")
 # Caps its address space at argv[2] bytes, runs `mobileinst.cli.main` on the rest and prints
 # its exit code and this process's VmHWM (MiB).
 CHILD = """
@@ -76,7 +79,7 @@ def val_set(root: Path, side: int, names: list[str]) -> Path:
 
 def commands(rows: list[str], tmp: Path, args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
     """(verb, what it measures, the CLI arguments) per row, their inputs written under tmp."""
-    weights = make_checkpoint(tmp / "random.pt") if {"predict", "val"} & set(rows) else None
+    weights = make_checkpoint(tmp / "random.pt") if {"predict", "val", "predict-conf0"} & set(rows) else None
     threads, out = ["--threads", str(args.threads)], []
     if "predict" in rows:
         photo = make_image(tmp / "photo_4000x3000.jpg", 4000, 3000)
@@ -95,6 +98,11 @@ def commands(rows: list[str], tmp: Path, args: argparse.Namespace) -> list[tuple
         out.append(("val", f"one {args.val_side}x{args.val_side} photo, imgsz 640, batch 1",
                     ["val", "--weights", str(weights), "--data", str(data), "--workers", "0",
                      "--batch", "1", *threads]))
+    if "predict-conf0" in rows:
+        photo = make_image(tmp / "photo_conf0.jpg", args.val_side, args.val_side)
+        out.append(("predict", f"one {args.val_side}x{args.val_side} photo, imgsz 640, --conf 0 (every query kept)",
+                    ["predict", "--weights", str(weights), "--source", str(photo), "--conf", "0",
+                     "--out-dir", str(tmp / "predict_conf0"), *threads]))
     return out
 
 
@@ -151,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="each run's address-space limit in GiB (default 10)")
     p.add_argument("--iters", type=int, default=2, help="training iterations")
     p.add_argument("--batch", type=int, default=1, help="training batch (the recipes': 16)")
-    p.add_argument("--val-side", type=int, default=6000, help="val's square photo, pixels a side")
+    p.add_argument("--val-side", type=int, default=6000,
+                   help="the square photo of val and predict-conf0, pixels a side")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="also write the table to this file")
     args = p.parse_args(argv)
