@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from mobileinst.models.factory import build_model
@@ -12,9 +13,10 @@ from mobileinst.train.fold_bn import (FoldedBatchNorm2d, FoldedConv2d, fold_froz
                                       unfold_batchnorms)
 
 
-def _model(freeze_at: int = 3) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
+def _model(name: str = "mobileinst-mobilenetv2", freeze_at: int = 3
+           ) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
     torch.manual_seed(0)
-    model = build_model("mobileinst-mobilenetv2", num_classes=3, num_queries=8, query_proposal=True,
+    model = build_model(name, num_classes=3, num_queries=8, query_proposal=True,
                         mask_stride=4)
     for m in model.backbone.modules():  # statistics away from (0, 1) so that the folding is exercised
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -24,7 +26,8 @@ def _model(freeze_at: int = 3) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
             m.bias.data.uniform_(-0.2, 0.2)
     model.double()  # float64: the folding's rounding stays far below the tolerance
     frozen = frozen_backbone_norms(model)
-    freeze_backbone(model, freeze_at)
+    if freeze_at:
+        freeze_backbone(model, freeze_at)
     model.train()
     for bn in frozen:
         bn.eval()
@@ -38,6 +41,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-9) -> bool:
 
 def _outputs_and_grads(model: torch.nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
     model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # the same drop-path draws (TopFormer) in both runs
     out = model(x)
     values = out.values() if isinstance(out, dict) else out
     tensors = [v for v in values if torch.is_tensor(v) and v.is_floating_point()]
@@ -46,16 +50,18 @@ def _outputs_and_grads(model: torch.nn.Module, x: torch.Tensor) -> tuple[list[to
     return [t.detach() for t in tensors], grads
 
 
-def test_folding_keeps_outputs_gradients_and_keys():
-    model, frozen = _model()
+@pytest.mark.parametrize("name, freeze_at, pairs", [("mobileinst-mobilenetv2", 3, 52),
+                                                    ("mobileinst-efficientnet-lite0", 3, 49),
+                                                    ("mobileinst-topformer-t", 0, 60)])
+def test_folding_keeps_outputs_gradients_and_keys(name, freeze_at, pairs):
+    model, frozen = _model(name, freeze_at)
     reference = copy.deepcopy(model)
     keys = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.rand(2, 3, 96, 128, dtype=torch.float64) * 255
     want_out, want_grads = _outputs_and_grads(reference, x)
 
     n = fold_frozen_batchnorms(model, frozen)
-    # every backbone BN of MobileNetV2 follows a convolution: 52 pairs
-    assert n == len(frozen) == 52
+    assert n == len(frozen) == pairs  # every backbone BN follows a convolution
     got_out, got_grads = _outputs_and_grads(model, x)
     assert len(got_out) == len(want_out)
     assert all(_close(a, b) for a, b in zip(got_out, want_out))
