@@ -117,7 +117,8 @@ TRAIN_OPTIONS = {  # CLI option -> (type, help); every one maps onto a TrainConf
 }
 
 TRAIN_SWITCHES = {  # boolean TrainConfig fields, settable both ways on the CLI
-    "amp": "mixed precision (bf16 on CPU, fp16 on CUDA); default off",
+    "amp": "mixed precision (bf16 on CPU, fp16 on CUDA); default off; `amp: auto` in a --cfg YAML "
+           "(hard_cpu) turns it on for CUDA and for CPUs with AVX512-BF16 or AMX only",
     "ema": "keep an EMA of the weights for evaluation; default off",
     "crop": "SparseInst's random-crop augmentation; default off",
     "freeze_backbone_bn": "keep the pretrained backbone's BatchNorm statistics and affine fixed "
