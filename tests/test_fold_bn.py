@@ -13,11 +13,13 @@ from mobileinst.train.fold_bn import (FoldedBatchNorm2d, FoldedConv2d, fold_froz
                                       unfold_batchnorms)
 
 
-def _model(name: str = "mobileinst-mobilenetv2", freeze_at: int = 3
+STRIDE4 = {"mask_stride": 4}  # SeaFormer has no stride-4 level
+
+
+def _model(name: str = "mobileinst-mobilenetv2", freeze_at: int = 3, overrides: dict = STRIDE4
            ) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
     torch.manual_seed(0)
-    model = build_model(name, num_classes=3, num_queries=8, query_proposal=True,
-                        mask_stride=4)
+    model = build_model(name, num_classes=3, num_queries=8, query_proposal=True, **overrides)
     for m in model.backbone.modules():  # statistics away from (0, 1) so that the folding is exercised
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
@@ -50,11 +52,11 @@ def _outputs_and_grads(model: torch.nn.Module, x: torch.Tensor) -> tuple[list[to
     return [t.detach() for t in tensors], grads
 
 
-@pytest.mark.parametrize("name, freeze_at, pairs", [("mobileinst-mobilenetv2", 3, 52),
-                                                    ("mobileinst-efficientnet-lite0", 3, 49),
-                                                    ("mobileinst-topformer-t", 0, 60)])
-def test_folding_keeps_outputs_gradients_and_keys(name, freeze_at, pairs):
-    model, frozen = _model(name, freeze_at)
+@pytest.mark.parametrize("name, freeze_at, pairs, overrides", [
+    ("mobileinst-mobilenetv2", 3, 52, STRIDE4), ("mobileinst-efficientnet-lite0", 3, 49, STRIDE4),
+    ("mobileinst-topformer-t", 0, 60, STRIDE4), ("mobileinst-seaformer-t", 0, 67, {})])
+def test_folding_keeps_outputs_gradients_and_keys(name, freeze_at, pairs, overrides):
+    model, frozen = _model(name, freeze_at, overrides)
     reference = copy.deepcopy(model)
     keys = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.rand(2, 3, 96, 128, dtype=torch.float64) * 255

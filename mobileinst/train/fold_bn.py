@@ -10,8 +10,8 @@ s), so the optimisation is the same up to float rounding.
 The pair keeps its modules, parameters, buffers and state_dict keys: only their classes change
 (`FoldedConv2d` computes the folded convolution, `FoldedBatchNorm2d` passes its input through), so
 checkpoints, the EMA and every export see the ordinary model. Applies to the convolution-BN pairs
-that are consecutive children of an `nn.Sequential`: every BN of the MobileNetV2, EfficientNet-Lite
-and TopFormer backbones.
+that are consecutive children of an `nn.Sequential`: every BN of the MobileNetV2, EfficientNet-Lite,
+TopFormer and SeaFormer backbones.
 """
 from __future__ import annotations
 
