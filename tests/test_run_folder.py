@@ -104,9 +104,9 @@ def test_a_killed_run_does_not_stay_locked_by_its_forked_children(tmp_path):
         "lock = RunLock(Path(sys.argv[1]))\n"
         "child = os.fork()\n"
         "if child == 0:\n"  # past the at-fork handler once it runs Python: it says so
-        "    print('ready', flush=True); time.sleep(60); os._exit(0)\n"
-        "print(child, flush=True)\n"
-        "time.sleep(60)\n")
+        "    os.write(1, b'ready\\n'); time.sleep(60); os._exit(0)\n"
+        "os.write(1, f'{child}\\n'.encode())\n"  # one write() each: with PYTHONUNBUFFERED=1 a
+        "time.sleep(60)\n")  # print() is two writes, and the two processes' lines interleaved
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "run")],
                             stdout=subprocess.PIPE, text=True)
     # both lines, in either order: until the child has run, its copy of the fd holds the lock
