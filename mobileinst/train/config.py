@@ -60,6 +60,7 @@ class TrainConfig:
     # mixed precision: bf16 autocast on CPU, fp16 + GradScaler on CUDA; 'auto': on CUDA, and on
     # CPUs with native bf16 (AVX512-BF16 or AMX), where it is faster (train/precision.py)
     amp: bool | str = False
+    depthwise_fp32: bool = True  # under CPU bf16 autocast, depthwise convolutions in fp32 (faster there)
     channels_last: bool = True  # NHWC weights and batches: ~1.3x faster CPU steps here (docs/performance.md)
     freeze_backbone_bn: bool = False  # backbone BatchNorm: ImageNet statistics and affine kept (small batches)
     fold_frozen_bn: bool = True  # frozen BNs computed inside their convolutions in training steps (train/fold_bn.py)

@@ -205,6 +205,8 @@ class Trainer:
         self.ema = ModelEMA(self.model, cfg.ema_decay, cfg.ema_tau) if cfg.ema else None
         if cfg.fold_frozen_bn:  # after the EMA's copy: only the training model's steps change
             fold_frozen_batchnorms(self.model, self.frozen_bn)
+        if self.amp and self.device.type == "cpu" and cfg.depthwise_fp32:
+            precision.depthwise_in_fp32(self.model)  # oneDNN's bf16 depthwise backward is slow
         self.iteration, self.best_ap = 0, -1.0
         self.clock, self.elapsed = clock, 0.0  # seconds on the training clock (kept on resume)
         self._t_last, self._last_plot, self._row_start = 0.0, 0.0, (0, 0.0)
