@@ -126,6 +126,8 @@ TRAIN_SWITCHES = {  # boolean TrainConfig fields, settable both ways on the CLI
     "channels_last": "NHWC weights and batches (faster CPU steps); default on",
     "fold_frozen_bn": "compute frozen BatchNorms inside their convolutions in training steps (same "
                       "math, faster); default on",
+    "depthwise_fp32": "under CPU bf16 autocast, compute the trained depthwise convolutions in fp32 "
+                      "(oneDNN's bf16 depthwise backward is slow); default on",
     "aspect_grouping": "batches of landscape or of portrait images only; default on",
     "exist_ok": "let a fresh run replace the run already in --out-dir; default off (refuse)",
 }
