@@ -77,24 +77,15 @@ def worker(job: dict) -> dict:
             loader = iter(trainer.train_loader)
             images, targets = next(loader)
         t1 = time.perf_counter()
-        trainer.ddp.train()
-        for bn in trainer.frozen_bn:
-            bn.eval()
-        images = images.contiguous(memory_format=trainer.memory_format)
-        with torch.autocast(trainer.device.type, dtype=trainer.amp_dtype, enabled=trainer.amp):
-            outputs = trainer.ddp(images)  # as Trainer.step: the forward under autocast, the loss not
+        images, targets = trainer.to_device(images, targets)
+        outputs = trainer.forward(images)  # Trainer.step's phases, one by one
         t2 = time.perf_counter()
         spent["matcher"] = 0.0
         loss = trainer.loss_fn(outputs, targets)["loss"]
         t3 = time.perf_counter()
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        trainer.backward(loss)
         t4 = time.perf_counter()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), cfg.grad_clip)
-        trainer.optimizer.step()
-        if trainer.ema is not None:
-            trainer.ema.update(trainer.model)
+        trainer.update()
         t5 = time.perf_counter()
         if i >= job["warmup"]:
             for name, dt in zip(PHASES, (t1 - t0, t2 - t1, spent["matcher"], t3 - t2 - spent["matcher"],

@@ -417,22 +417,36 @@ class Trainer:
         self._t_last = now
 
     def step(self, images: torch.Tensor, targets: list[dict]) -> dict[str, float]:
-        """One optimisation step; returns the (worker-averaged) loss values."""
+        """One optimisation step; returns the (worker-averaged) loss values. Its phases are the
+        methods below (benchmarks/step_profile.py times each)."""
+        images, targets = self.to_device(images, targets)
+        losses = self.loss_fn(self.forward(images), targets)
+        self.backward(losses["loss"])
+        self.update()
+        return {k: dist.all_reduce_mean(v.detach().float()).item() for k, v in losses.items()}
+
+    def to_device(self, images: torch.Tensor, targets: list[dict]) -> tuple[torch.Tensor, list[dict]]:
+        images = images.to(self.device, memory_format=self.memory_format, non_blocking=True)
+        return images, [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()}
+                        for t in targets]
+
+    def forward(self, images: torch.Tensor) -> dict:
+        """The network in training mode (frozen BNs in eval mode), under autocast when amp is on."""
         self.ddp.train()
         for bn in self.frozen_bn:  # frozen BN: running statistics stay the pretrained ones
             bn.eval()
-        images = images.to(self.device, memory_format=self.memory_format, non_blocking=True)
-        targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()}
-                   for t in targets]
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-            outputs = self.ddp(images)
-        losses = self.loss_fn(outputs, targets)
-        loss = losses["loss"]
+            return self.ddp(images)
+
+    def backward(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
             raise MobileInstError(f"loss became {loss.item()} at iteration {self.iteration}; "
                                   "try a lower --lr or --grad-clip")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+
+    def update(self) -> None:
+        """Gradient clipping, the optimizer step and the EMA."""
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -440,7 +454,6 @@ class Trainer:
         self.scaler.update()
         if self.ema is not None:
             self.ema.update(self.model)
-        return {k: dist.all_reduce_mean(v.detach().float()).item() for k, v in losses.items()}
 
     def _lr(self) -> float:
         return max(g["lr"] for g in self.optimizer.param_groups)
