@@ -70,3 +70,33 @@ def test_edge_cases():
     assert empty.shape == (0, 300, 400) and empty.dtype == torch.bool
     plain = upsample_masks(prob[:0], padded, size, orig)  # no instance kept: an empty result
     assert plain.shape == (0, 300, 400) and plain.dtype == prob.dtype
+
+
+@pytest.mark.parametrize("padded,size,orig", [GEOMETRIES[1], GEOMETRIES[3], GEOMETRIES[5]])
+def test_a_box_in_bands_of_rows_is_the_box_in_one_piece(monkeypatch, padded, size, orig):
+    import mobileinst.models.postprocess as pp
+
+    prob = blobs(8, padded[0] // 4, padded[1] // 4, seed=2)
+    whole = binary_masks(prob, padded, size, orig, THRESHOLD)
+    for band_bytes in (1, 4 * 7 * orig[1], 4 * 100 * orig[1]):  # one row, 7 rows, 100 rows per band
+        monkeypatch.setattr(pp, "BOX_BAND_BYTES", band_bytes)
+        assert_equal_masks(binary_masks(prob, padded, size, orig, THRESHOLD), whole)
+
+
+def test_no_band_holds_more_than_the_cap(monkeypatch):
+    import mobileinst.models.postprocess as pp
+
+    monkeypatch.setattr(pp, "BOX_BAND_BYTES", 4 * 64 * 400)  # 64 rows of the 400-wide photo
+    biggest = []
+    real_gt = torch.Tensor.__gt__
+
+    def spy(self, other):
+        if self.dtype == torch.float32 and self.dim() == 2:
+            biggest.append(self.numel() * 4)
+        return real_gt(self, other)
+
+    monkeypatch.setattr(torch.Tensor, "__gt__", spy)
+    prob = torch.ones(1, 32, 40)  # one mask over the whole photo
+    got = binary_masks(prob, (128, 160), (120, 160), (300, 400), THRESHOLD)
+    monkeypatch.undo()
+    assert got.all() and biggest and max(biggest) <= 4 * 64 * 400

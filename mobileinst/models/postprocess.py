@@ -220,6 +220,9 @@ def _composed_taps(n4: int, padded: int, size: int, orig: int) -> tuple[Tensor, 
     return base, w
 
 
+BOX_BAND_BYTES = 16 << 20  # float32 of one band of an instance's box in `binary_masks`
+
+
 def binary_masks(mask_prob: Tensor, padded_size: tuple[int, int], image_size: tuple[int, int],
                  orig_size: tuple[int, int], threshold: float) -> Tensor:
     """(K, h4, w4) probabilities -> (K, H0, W0) bool masks: `upsample_masks` > threshold, computed
@@ -231,7 +234,9 @@ def binary_masks(mask_prob: Tensor, padded_size: tuple[int, int], image_size: tu
     matmuls per instance), the same map as the two `F.interpolate` calls, rounded differently:
     masks equal to `upsample_masks` > threshold but for pixels within rounding of the threshold
     (tests/test_postprocess_masks.py; none differed there). Work and float memory grow with the
-    instances' boxes, not with K x H0 x W0; the box's matmuls use torch's threads."""
+    instances' boxes, not with K x H0 x W0, and a box is computed in bands of rows of at most
+    `BOX_BAND_BYTES` of floats (a mask covering a 6000 x 6000 photo: 16 MiB, not 144); the
+    matmuls use torch's threads."""
     k, h4, w4 = mask_prob.shape
     h0, w0 = orig_size
     out = torch.zeros((k, h0, w0), dtype=torch.bool, device=mask_prob.device)
@@ -246,12 +251,16 @@ def binary_masks(mask_prob: Tensor, padded_size: tuple[int, int], image_size: tu
     for i, ((y0, y1), (x0, x1)) in enumerate(zip(ys, xs)):
         if y1 <= y0 or x1 <= x0:
             continue
-        a0, a1 = byl[y0], min(byl[y1 - 1] + 3, h4)
         c0, c1 = bxl[x0], min(bxl[x1 - 1] + 3, w4)
-        fy, part, fx = my[y0:y1, a0:a1], mask_prob[i, a0:a1, c0:c1], mx[x0:x1, c0:c1].T
-        # (y1 - y0, x1 - x0), the two products in their cheaper order
-        box = (fy @ part) @ fx if y1 - y0 >= x1 - x0 else fy @ (part @ fx)
-        out[i, y0:y1, x0:x1] = box > threshold
+        fx = mx[x0:x1, c0:c1].T  # (c1 - c0, x1 - x0)
+        step = max(1, BOX_BAND_BYTES // (4 * (x1 - x0)))  # rows of float32 box per band
+        for ya in range(y0, y1, step):  # the box in bands of rows: a whole-photo mask is not one array
+            yb = min(ya + step, y1)
+            a0, a1 = byl[ya], min(byl[yb - 1] + 3, h4)
+            fy, part = my[ya:yb, a0:a1], mask_prob[i, a0:a1, c0:c1]
+            # (yb - ya, x1 - x0), the two products in their cheaper order
+            band = (fy @ part) @ fx if yb - ya >= x1 - x0 else fy @ (part @ fx)
+            out[i, ya:yb, x0:x1] = band > threshold
     return out
 
 
