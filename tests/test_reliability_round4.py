@@ -158,6 +158,27 @@ def test_in_run_evaluation_records_are_the_masks_made_at_once(tmp_path, monkeypa
     assert {k for k, _, _ in calls.shapes} == {1}
 
 
+def test_the_in_run_evaluation_decodes_no_ground_truth_mask(tmp_path, monkeypatch):
+    """Training's val set (`build_val_set`) reads images only: the evaluation scores against the
+    json, so no annotation is rasterised at the original size; the records are those of a set
+    that decodes them."""
+    from mobileinst.data import coco
+    from mobileinst.data.synthetic import make_synthetic_coco
+    from mobileinst.evaluate.evaluator import predict_dataset
+    from mobileinst.train.config import TrainConfig
+    from mobileinst.train.data import build_val_set
+    cfg = TrainConfig(data=str(make_synthetic_coco(tmp_path / "data", n_train=1, n_val=3, seed=0)), imgsz=64)
+    decoded = []
+    real = coco.decode_segmentation
+    monkeypatch.setattr(coco, "decode_segmentation", lambda *a: decoded.append(1) or real(*a))
+    val = build_val_set(cfg)
+    model = tiny_model(num_queries=20)
+    records = predict_dataset(model, val, batch_size=2, progress=False)
+    assert decoded == [] and len(records) > 3 * 20
+    val.with_masks = True  # the same set decoding its annotations
+    assert predict_dataset(model, val, batch_size=2, progress=False) == records and decoded
+
+
 def test_predict_records_and_overlay_are_the_masks_made_at_once(tmp_path, monkeypatch):
     """`predict --conf 0`, one mask at a time, writes the predictions.json and the overlay that
     the masks made at once (`Predictor` without lazy_masks, `draw_instances` of the array) give."""

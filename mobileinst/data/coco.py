@@ -144,9 +144,10 @@ class CocoInstances(Dataset):
 
     def __init__(self, json_path: str | Path, image_dir: str | Path,
                  transform: Transform | None = None, class_names: list[str] | None = None,
-                 mix: Mix | None = None) -> None:
+                 mix: Mix | None = None, masks: bool = True) -> None:
         self.json_path, self.image_dir = Path(json_path), Path(image_dir)
         self.transform, self.mix = transform, mix
+        self.with_masks = masks  # False: items carry no instances (evaluation reads the json's)
         data = read_json(self.json_path)
         check_layout(self.json_path, data)
         check_categories(self.json_path, data["categories"])
@@ -207,7 +208,7 @@ class CocoInstances(Dataset):
         info = self.images[index]
         h, w = int(info["height"]), int(info["width"])
         image = self._read_image(index, h, w)
-        anns = self.anns.get(info["id"], [])
+        anns = self.anns.get(info["id"], []) if self.with_masks else []
         masks = (np.stack([decode_segmentation(a["segmentation"], h, w) for a in anns]) if anns
                  else np.zeros((0, h, w), np.uint8))
         labels = np.array([self.label_of[a["category_id"]] for a in anns], np.int64)

@@ -77,6 +77,7 @@ def build_val_set(cfg: TrainConfig) -> CocoInstances:
     data = load_data_config(cfg.data)
     if data.format == "ytvis":  # evaluated as videos (evaluate/video.py)
         return build_video_val_set(cfg, data)
-    val = CocoInstances(data.val.json, data.val.images, EvalTransform(cfg.imgsz), data.names)
+    # the in-run evaluation scores against the json: no ground-truth mask is decoded per image
+    val = CocoInstances(data.val.json, data.val.images, EvalTransform(cfg.imgsz), data.names, masks=False)
     check_ground_truth(data.val.json)  # what evaluation needs, before the first training step
     return val

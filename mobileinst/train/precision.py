@@ -6,11 +6,11 @@ model (MobileNetV2, stride-4 masks, 2 threads) an AMD EPYC Zen 4 with AVX512-BF1
 gets slower. So 'auto' turns it on for CUDA (fp16 with a GradScaler) and for such CPUs only.
 
 Under CPU bf16 autocast the trained depthwise convolutions are computed in fp32
-(`depthwise_in_fp32`): oneDNN's bf16 depthwise backward is slow, 10-20x its fp32 time at stride 2
-(11.5 against 0.6 ms for MobileNetV2's 576-channel stride-2 convolution, batch 4 at 256 px, Zen 4),
-while its forward is as fast as fp32's or faster (so frozen ones, run without gradient, stay bf16)
-and the dense 1x1 convolutions, most of the arithmetic, are 1.3-1.5x faster in bf16
-(docs/learning.md).
+(`depthwise_in_fp32`): oneDNN's bf16 depthwise backward is slow, 12-23x its fp32 time at stride 2
+(forward + backward 13.5 against 0.6 ms for MobileNetV2's 576-channel stride-2 convolution, batch 4
+at 256 px, Zen 4; `benchmarks/conv_precision.py`), while its forward is as fast as fp32's or faster
+(so frozen ones, run without gradient, stay bf16) and the dense convolutions, most of the
+arithmetic, are faster in bf16 (77 against 104 ms summed over the recipe's; docs/learning.md).
 """
 from __future__ import annotations
 
