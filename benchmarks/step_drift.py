@@ -42,7 +42,6 @@ def main() -> None:
     cfg = TrainConfig.from_yaml(args.cfg, data=args.data, out_dir=tempfile.mkdtemp(prefix="step_drift_"),
                                 exist_ok=True, device="cpu", iters=args.steps)
     trainer = Trainer(cfg)
-    trainer._setup_outputs(resumed=False)
     loader, t_start = iter(trainer.train_loader), time.perf_counter()
     data_s = step_s = pixels = instances = 0.0
     for i in range(1, args.steps + 1):

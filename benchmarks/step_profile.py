@@ -54,7 +54,6 @@ class Profiled:
                                          device="cpu", **overrides)
         self.cfg.model_overrides = {**self.cfg.model_overrides, **model}
         self.trainer = Trainer(self.cfg)
-        self.trainer._setup_outputs(resumed=False)
         self.times: dict[str, list[float]] = {p: [] for p in PHASES + ("step",)}
         self.spent = 0.0
         matcher = self.trainer.criterion.matcher
